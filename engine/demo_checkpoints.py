@@ -296,6 +296,10 @@ def _random_state_dict(shape: TinyShape, seed: int) -> dict:
 
 def _to_v4_layout(name: str) -> str:
     """transformers 5.x key names -> the 4.x names the hub checkpoints carry."""
+    if name.startswith("model.vision_tower.") and not name.startswith(
+        "model.vision_tower.vision_model."
+    ):
+        name = "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
     for new, old in (
         ("model.language_model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),
