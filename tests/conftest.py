@@ -1,0 +1,62 @@
+"""Session fixtures: the tiny llava-hf checkpoints, each built once per test run.
+
+Checkpoints are complete llava-hf model folders with random weights and the real Mistral
+tokenizer (see caldera.engine.demo_checkpoints). Shapes: "llava-1.5", "llava-next-mistral",
+"llava-next-vicuna". Treat the folders as read-only; copy one to ``tmp_path`` to change it.
+
+    def test_a(tiny_checkpoints):            # {"llava-1.5": Path, ...}, all three shapes
+    def test_b(next_mistral_dir):            # one shape
+    def test_c(tiny_checkpoint):             # factory, also for variants
+        path = tiny_checkpoint("llava-1.5", layout="v5", num_shards=2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from caldera.engine.demo_checkpoints import build_tiny_checkpoint
+
+TINY_SHAPES = ("llava-1.5", "llava-next-mistral", "llava-next-vicuna")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_checkpoint(shape, **options) -> Path``: the folder of a tiny checkpoint, built on
+    first use and reused for the session. ``options`` are build_tiny_checkpoint's keywords
+    (seed, layout, num_shards, dtype, sizes); each distinct set is a separate folder."""
+    built: dict[tuple, Path] = {}
+
+    def get(shape: str, **options) -> Path:
+        key = (shape, *sorted(options.items()))
+        if key not in built:
+            name = "-".join([shape, *(f"{k}{v}" for k, v in sorted(options.items()))])
+            out = tmp_path_factory.mktemp(f"ckpt-{name}", numbered=True)
+            built[key] = build_tiny_checkpoint(shape, out, **options)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_checkpoint: Callable[..., Path]) -> dict[str, Path]:
+    """All three shapes: ``{"llava-1.5": ..., "llava-next-mistral": ..., "llava-next-vicuna":
+    ...}``."""
+    return {name: tiny_checkpoint(name) for name in TINY_SHAPES}
+
+
+@pytest.fixture(scope="session")
+def llava15_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("llava-1.5")
+
+
+@pytest.fixture(scope="session")
+def next_mistral_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("llava-next-mistral")
+
+
+@pytest.fixture(scope="session")
+def next_vicuna_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("llava-next-vicuna")
