@@ -1,0 +1,190 @@
+"""Clients of the EngineCore: the same interface in-process (offline LLM, tests) and across a
+process boundary (the server). The multiprocess client speaks msgpack over a pipe
+(``send_bytes`` / ``recv_bytes``: msgspec Structs, never pickle)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import queue
+import threading
+from typing import Protocol
+
+import msgspec
+
+from caldera.engine.config import EngineConfig
+from caldera.engine.core import EngineCore
+from caldera.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    Command,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    Ready,
+    Shutdown,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process stopped; every pending request fails with this."""
+
+
+class EngineCoreClient(Protocol):
+    num_blocks: int
+    max_model_len: int
+
+    def add_request(self, request: EngineCoreRequest) -> None: ...
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+    def get_output(self, timeout: float | None = None) -> EngineCoreOutputs: ...
+    def shutdown(self) -> None: ...
+
+
+def _refused(request: EngineCoreRequest, exc: Exception) -> EngineCoreOutput:
+    return EngineCoreOutput(request.request_id, [], finish_reason="abort", error=str(exc))
+
+
+class InprocClient:
+    """Drives an EngineCore in this process: ``get_output`` runs one step."""
+
+    def __init__(self, config: EngineConfig, eos_token_id: int | None) -> None:
+        self.core = EngineCore(config, eos_token_id)
+        self.num_blocks = self.core.num_blocks
+        self.max_model_len = self.core.max_model_len
+        self._refusals: list[EngineCoreOutput] = []
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        try:
+            self.core.add_request(request)
+        except ValueError as exc:
+            self._refusals.append(_refused(request, exc))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.core.abort_requests(request_ids)
+
+    def get_output(self, timeout: float | None = None) -> EngineCoreOutputs:
+        outputs = self.core.step()
+        if self._refusals:
+            outputs.outputs = self._refusals + outputs.outputs
+            self._refusals = []
+        return outputs
+
+    def shutdown(self) -> None:
+        pass
+
+
+def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None:
+    """Body of the engine process: load, say Ready, then loop commands and steps."""
+    encoder = msgspec.msgpack.Encoder()
+    commands = msgspec.msgpack.Decoder(Command)
+    try:
+        core = EngineCore(EngineConfig.from_bytes(config_bytes), eos_token_id)
+    except Exception as exc:  # reported to the front end, which raises it
+        conn.send_bytes(encoder.encode(Ready(error=f"{type(exc).__name__}: {exc}")))
+        return
+    conn.send_bytes(encoder.encode(Ready(core.num_blocks, core.max_model_len)))
+    refusals: list[EngineCoreOutput] = []
+    while True:
+        while conn.poll(0) or not (core.has_unfinished_requests() or refusals):
+            command = commands.decode(conn.recv_bytes())
+            if isinstance(command, Shutdown):
+                return
+            if isinstance(command, AbortRequests):
+                core.abort_requests(command.request_ids)
+            else:
+                try:
+                    core.add_request(command.request)
+                except ValueError as exc:
+                    refusals.append(_refused(command.request, exc))
+        outputs = core.step()
+        if refusals:
+            outputs.outputs = refusals + outputs.outputs
+            refusals = []
+        if outputs.outputs:
+            conn.send_bytes(encoder.encode(outputs))
+
+
+class MPClient:
+    """Runs EngineCore in a child process; a reader thread queues what it sends back."""
+
+    def __init__(self, config: EngineConfig, eos_token_id: int | None,
+                 startup_timeout: float = 900.0) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=run_engine_core, name="caldera-engine-core",
+                                   args=(config.to_bytes(), eos_token_id, child_conn),
+                                   daemon=True)
+        self.process.start()
+        child_conn.close()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._send_lock = threading.Lock()
+        if not self._conn.poll(startup_timeout):
+            self.process.kill()
+            raise EngineDeadError(f"the engine did not start within {startup_timeout:.0f} s")
+        ready = msgspec.msgpack.decode(self._recv_or_dead(), type=Ready)
+        if ready.error is not None:
+            raise EngineDeadError(f"the engine failed to start: {ready.error}")
+        self.num_blocks, self.max_model_len = ready.num_blocks, ready.max_model_len
+        self._outputs: queue.Queue[EngineCoreOutputs] = queue.Queue()
+        self._dead: str | None = None
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name="caldera-engine-reader")
+        self._reader.start()
+
+    def _recv_or_dead(self) -> bytes:
+        try:
+            return self._conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            self.process.join(timeout=1.0)
+            raise EngineDeadError(
+                f"the engine process exited (exit code {self.process.exitcode})"
+            ) from exc
+
+    def _read_loop(self) -> None:
+        decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+        while True:
+            try:
+                data = self._recv_or_dead()
+            except EngineDeadError as exc:
+                self._dead = str(exc)
+                self._outputs.put(EngineCoreOutputs(error=self._dead))
+                return
+            self._outputs.put(decoder.decode(data))
+
+    def _send(self, command: AddRequest | AbortRequests | Shutdown) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(self._encoder.encode(command))
+        except (BrokenPipeError, OSError) as exc:
+            raise EngineDeadError("the engine process is gone") from exc
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(AddRequest(request))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self._send(AbortRequests(request_ids))
+
+    def get_output(self, timeout: float | None = None) -> EngineCoreOutputs:
+        """The next batch of outputs; raises EngineDeadError once the process is gone."""
+        try:
+            outputs = self._outputs.get(timeout=timeout)
+        except queue.Empty:
+            return EngineCoreOutputs()
+        if outputs.error is not None:
+            self._outputs.put(outputs)  # every later caller sees the failure too
+            raise EngineDeadError(outputs.error)
+        return outputs
+
+    def shutdown(self) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(EngineDeadError):
+                self._send(Shutdown())
+            self.process.join(timeout=10)
+            if self.process.is_alive():
+                self.process.kill()
+        self._conn.close()

@@ -1,0 +1,133 @@
+"""Worker: one device's share of the model. Loads the weights (applying ISQ as they arrive),
+sizes the paged KV cache from the memory budget, and runs steps through its ModelRunner."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from caldera.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from caldera.worker.config import ModelConfig
+from caldera.worker.loader import load_model, resolve_dtype
+from caldera.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 4 * 1024**3
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    model_dir: str
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    max_model_len: int = 4096
+    max_num_seqs: int = 128
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    isq: str | None = None
+    isq_group_size: int | None = None
+    seed: int | None = 0
+    eos_token_ids: tuple[int, ...] = ()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA device is available")
+    return resolved
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model_config = ModelConfig.from_model_dir(config.model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        self.model = self._load()
+        self.num_blocks = self._num_blocks()
+        self.runner = ModelRunner(
+            self.model, self.model_config, num_blocks=self.num_blocks,
+            block_size=config.block_size, device=self.device, dtype=self.dtype,
+            eos_token_ids=config.eos_token_ids, seed=config.seed,
+        )
+
+    def _load(self) -> torch.nn.Module:
+        transform = None
+        if self.config.isq is not None:
+            from caldera.worker.isq import make_linear_transform, parse_isq
+
+            spec = parse_isq(self.config.isq, self.config.isq_group_size)
+            transform = make_linear_transform(spec) if spec is not None else None
+        model = load_model(Path(self.config.model_dir), self.model_config, dtype=self.dtype,
+                           device=self.device, linear_transform=transform)
+        size = module_bytes(model)
+        if transform is not None:
+            unquantized = _checkpoint_bytes(Path(self.config.model_dir), self.dtype)
+            logger.info("ISQ %s: weights %.1f MiB -> %.1f MiB", self.config.isq,
+                        unquantized / 2**20, size / 2**20)
+        logger.info("model loaded: %s, %s on %s, %.1f MiB of weights",
+                    self.model_config.architecture, self.dtype, self.device, size / 2**20)
+        return model
+
+    def _num_blocks(self) -> int:
+        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size,
+                                             self.dtype)
+        if self.config.kv_cache_bytes is not None:
+            budget = self.config.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization) - 512 * 2**20
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        # Never more than max_num_seqs full-length sequences can use.
+        per_seq = -(-self.config.max_model_len // self.config.block_size)
+        ceiling = self.config.max_num_seqs * per_seq + 1
+        num_blocks = min(budget // per_block, ceiling)
+        if num_blocks < per_seq:
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**20:.0f} MiB) holds {num_blocks} blocks, "
+                f"fewer than one sequence of max_model_len={self.config.max_model_len} needs "
+                f"({per_seq}); raise kv_cache_memory or lower max_model_len"
+            )
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks,
+                    self.config.block_size, num_blocks * per_block / 2**20)
+        return int(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+
+def _checkpoint_bytes(model_dir: Path, dtype: torch.dtype) -> int:
+    """Size the checkpoint's weights would take unquantized in ``dtype``."""
+    from safetensors import safe_open
+
+    from caldera.worker.loader import checkpoint_files
+
+    per_element = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                total += _numel(f, key)
+    return total * per_element
+
+
+def _numel(f, key: str) -> int:
+    count = 1
+    for dim in f.get_slice(key).get_shape():
+        count *= dim
+    return count
