@@ -129,7 +129,7 @@ class OutputProcessor:
     def _update_child(self, parent: _Parent, child: _Child, out: EngineCoreOutput,
                       now: float) -> bool:
         """Applies one core output; True when a stop string finished the child here."""
-        if out.prompt_logprobs and parent.prompt_logprobs is not None:
+        if out.prompt_logprobs and parent.prompt_logprobs is not None and child.index == 0:
             parent.prompt_logprobs.extend(self._format(lp) for lp in out.prompt_logprobs)
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
         if out.new_token_ids and parent.metrics.first_token_time is None:

@@ -70,6 +70,8 @@ class KVCacheManager:
         and a token can be sampled."""
         if not self.enable_prefix_caching:
             return [], 0
+        if getattr(request.sampling_params, "prompt_logprobs", None) is not None:
+            return [], 0  # every prompt position must be computed to report its logprob
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(request, max_hit_blocks)
         get_cached_block = self.block_pool.get_cached_block

@@ -46,6 +46,9 @@ class RequestState:
     num_computed_tokens: int
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+    # Prompt positions up to here have had their logprob reported (recomputation after a
+    # preemption must not report them twice).
+    prompt_logprobs_reported: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -290,11 +293,14 @@ class ModelRunner:
             prompt_len = len(state.prompt_token_ids)
             start = state.num_computed_tokens
             if top_n is not None and start < prompt_len:
-                last = min(start + n, prompt_len - 1)  # positions whose next token is in prompt
-                rows = list(range(row, row + max(last - start, 0)))
-                targets = state.prompt_token_ids[start + 1: last + 1]
+                # Row of position p predicts prompt token p + 1.
+                first = max(start, state.prompt_logprobs_reported - 1)
+                last = min(start + n, prompt_len - 1)
+                rows = [row + p - start for p in range(first, last)]
+                targets = state.prompt_token_ids[first + 1: last + 1]
                 results[i] = _logprobs_of(self.model.compute_logits(hidden[rows]).float(),
                                           targets, top_n) if rows else []
+                state.prompt_logprobs_reported = max(state.prompt_logprobs_reported, last + 1)
             row += n
         return results
 

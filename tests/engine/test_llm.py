@@ -110,12 +110,20 @@ def test_multiprocess_client_matches_inprocess(next_mistral_dir, baseline):
 
 
 def test_killed_engine_fails_pending_requests(next_mistral_dir):
+    import threading
+
     from caldera.engine.core_client import EngineDeadError
 
     llm = LLM(str(next_mistral_dir), multiprocess=True, max_model_len=4096,
               kv_cache_memory=1024 * BLOCK_BYTES_MISTRAL)
-    llm.engine.process.kill()
-    with pytest.raises(EngineDeadError):
-        llm.generate(_prompts(), SamplingParams(max_tokens=1000, ignore_eos=True),
-                     use_tqdm=False)
-    llm.shutdown()
+    killer = threading.Timer(1.0, llm.engine.process.kill)
+    killer.start()
+    try:
+        with pytest.raises(EngineDeadError, match="exit code"):
+            llm.generate(_prompts(), SamplingParams(max_tokens=3000, ignore_eos=True),
+                         use_tqdm=False)
+        with pytest.raises(EngineDeadError):  # later requests fail at once too
+            llm.generate("[INST] hi [/INST]", use_tqdm=False)
+    finally:
+        killer.cancel()
+        llm.shutdown()
