@@ -51,6 +51,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             "DEMO MODE: serving a tiny checkpoint with RANDOM weights (shape %s); its outputs "
             "are meaningless text", args.demo)
         args.model = str(demo_checkpoint(args.demo))
+        if args.kv_cache_memory is None:
+            args.kv_cache_memory = "1GiB"  # plenty for the tiny model, quick to allocate
     if not args.model:
         raise SystemExit("error: give --model PATH_OR_HUB_ID (or --demo)")
     names = set(EngineConfig.option_names())
@@ -82,12 +84,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images: list[Any] = list(args.image)
     if not images and args.demo:
         images = [_demo_image()]
-    prompt = args.prompt
-    if images and "<image>" not in prompt:
-        messages = [{"role": "user", "content": [{"type": "image"} for _ in images]
-                     + [{"type": "text", "text": prompt}]}]
-        prompt = llm.processor.chat_template.render(messages).text
-    out = llm.generate({"prompt": prompt, "images": images}, _sampling(args), use_tqdm=False)[0]
+    if args.raw:  # the prompt is sent as written: one <image> per image
+        out = llm.generate({"prompt": args.prompt, "images": images}, _sampling(args),
+                           use_tqdm=False)[0]
+    else:  # through the chat template, which places the images unless the text has <image>
+        content = [{"type": "image", "image": image} for image in images]
+        content.append({"type": "text", "text": args.prompt})
+        out = llm.chat([{"role": "user", "content": content}], _sampling(args),
+                       use_tqdm=False)[0]
     completion = out.outputs[0]
     print(completion.text)
     m = out.metrics
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.add_argument("--prompt", "-p", default="What is shown in this image?")
+    gen.add_argument("--raw", action="store_true",
+                     help="send the prompt as written instead of through the chat template")
     gen.add_argument("--image", "-i", action="append", default=[],
                      help="image path, URL or data: URL (repeatable)")
     gen.set_defaults(func=cmd_generate)
