@@ -141,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # a user's mistake: say it, no traceback
+        print(f"caldera: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
