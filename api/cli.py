@@ -37,8 +37,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="Jinja file, JSON file with a chat_template key, or llava-1.5/vicuna/mistral")
     g.add_argument("--allowed-local-media-path", dest="allowed_local_media_paths",
                    action="append", default=[], help="folder local images may be read from")
-    g.add_argument("--tensor-parallel-size", type=int, default=1)
-    g.add_argument("--distributed-executor-backend")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -45,8 +45,6 @@ class EngineConfig:
     isq_group_size: int | None = None
     chat_template: str | None = None
     allowed_local_media_paths: tuple[str, ...] = field(default_factory=tuple)
-    tensor_parallel_size: int = 1
-    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64):
@@ -59,8 +57,6 @@ class EngineConfig:
             raise ValueError("scheduling_policy must be 'fcfs' or 'priority'")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
-        if self.tensor_parallel_size < 1:
-            raise ValueError("tensor_parallel_size must be at least 1")
 
     @property
     def kv_cache_bytes(self) -> int | None:

@@ -11,6 +11,7 @@ import torch
 
 from caldera.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from caldera.worker.config import ModelConfig
+from caldera.worker.isq import make_linear_transform, model_bytes, parse_isq
 from caldera.worker.loader import load_model, resolve_dtype
 from caldera.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
 
@@ -44,11 +45,6 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -68,13 +64,11 @@ class Worker:
     def _load(self) -> torch.nn.Module:
         transform = None
         if self.config.isq is not None:
-            from caldera.worker.isq import make_linear_transform, parse_isq
-
             spec = parse_isq(self.config.isq, self.config.isq_group_size)
             transform = make_linear_transform(spec) if spec is not None else None
         model = load_model(Path(self.config.model_dir), self.model_config, dtype=self.dtype,
                            device=self.device, linear_transform=transform)
-        size = module_bytes(model)
+        size = model_bytes(model)
         if transform is not None:
             unquantized = _checkpoint_bytes(Path(self.config.model_dir), self.dtype)
             logger.info("ISQ %s: weights %.1f MiB -> %.1f MiB", self.config.isq,
