@@ -14,6 +14,7 @@ from caldera.worker.config import ModelConfig
 from caldera.worker.isq import make_linear_transform, model_bytes, parse_isq
 from caldera.worker.loader import load_model, resolve_dtype
 from caldera.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
+from caldera.worker.models.clip import select_vision_attention
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class Worker:
             transform = make_linear_transform(spec) if spec is not None else None
         model = load_model(Path(self.config.model_dir), self.model_config, dtype=self.dtype,
                            device=self.device, linear_transform=transform)
+        attention, name = select_vision_attention(self.device, self.dtype)
+        model.vision_tower.set_attention(attention)
+        logger.info("vision tower attention: %s", name)
         size = model_bytes(model)
         if transform is not None:
             unquantized = _checkpoint_bytes(Path(self.config.model_dir), self.dtype)

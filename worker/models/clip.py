@@ -6,6 +6,8 @@ feature layers. Layers past the deepest selected one are never run (layer -2 ski
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,9 +43,35 @@ class ClipEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[N, L, H, D] each -> [N, L, H, D], full (non-causal) attention."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def select_vision_attention(device: torch.device, dtype: torch.dtype) -> tuple[AttentionFn, str]:
+    """xformers' memory-efficient attention on CUDA when it imports and supports the device
+    and dtype, else torch SDPA. Returns the function and its name (for the log line)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            import xformers.ops as xops
+
+            probe = torch.zeros(1, 2, 1, 64, device=device, dtype=dtype)
+            xops.memory_efficient_attention(probe, probe, probe)
+        except Exception:  # not installed, or built without kernels for this device
+            pass
+        else:
+            return xops.memory_efficient_attention, "xformers"
+    return sdpa_attention, "torch sdpa"
+
+
 class ClipAttention(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
+        self.attention_fn: AttentionFn = sdpa_attention
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -55,12 +83,11 @@ class ClipAttention(nn.Module):
         n, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+            return t.view(n, length, self.num_heads, self.head_dim)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, -1))
+        out = self.attention_fn(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                heads(self.v_proj(x)))
+        return self.out_proj(out.reshape(n, length, -1))
 
 
 class ClipMlp(nn.Module):
@@ -124,3 +151,7 @@ class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.vision_model = ClipVisionModel(config)
+
+    def set_attention(self, fn: AttentionFn) -> None:
+        for layer in self.vision_model.encoder.layers:
+            layer.self_attn.attention_fn = fn
