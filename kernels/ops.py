@@ -144,9 +144,13 @@ def _decode_chunk(out, query, key_cache, value_cache, metadata, reqs: list[int],
     rows = torch.tensor([metadata.query_start_loc_host[r] for r in reqs], device=device)
     num_blocks = -(-max(lens) // block_size)
     tables = metadata.block_tables[torch.tensor(reqs, device=device), :num_blocks].long()
+    flat_tables = tables.flatten()
 
     def gather(cache):  # [R, Hkv, S, D] float32, a strided view of one gathered copy
-        return cache[tables].flatten(1, 2).transpose(1, 2).float()
+        # Rows of whole blocks, selected from a 2-D view: several times faster than indexing
+        # the 4-D cache, which copies element by element.
+        blocks = torch.index_select(cache.view(cache.shape[0], -1), 0, flat_tables)
+        return blocks.view(len(reqs), -1, *cache.shape[2:]).transpose(1, 2).float()
 
     positions = torch.arange(num_blocks * block_size, device=device)[None, :]
     seq = torch.tensor(lens, device=device)[:, None]

@@ -32,8 +32,9 @@ def gather_context(
 ) -> torch.Tensor:  # [seq_len, Hkv, D]
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]  # [n, B, Hkv, D]
-    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+    # Whole-block rows from a 2-D view: a row copy, much faster than 4-D indexing.
+    blocks = torch.index_select(cache.view(cache.shape[0], -1), 0, block_table[:num_blocks].long())
+    return blocks.view(-1, *cache.shape[2:])[:seq_len]
 
 
 def paged_attention_reference(
