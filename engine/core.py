@@ -1,14 +1,12 @@
 """EngineCore: schedule -> execute -> update, one step at a time. No transport in here: the
-offline LLM drives it in-process, the server runs it inside ``EngineCoreProc``."""
+offline LLM drives it in-process, the multiprocess client runs it inside ``run_engine_core``."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
-import torch
 
 from caldera.engine.config import EngineConfig
+from caldera.engine.image_processing import ProcessedImage
 from caldera.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -22,14 +20,6 @@ from caldera.worker.loader import resolve_model_path
 from caldera.worker.worker import Worker, WorkerConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageInput:
-    """What the model runner needs of one image."""
-
-    pixel_values: torch.Tensor  # [tiles, 3, S, S]
-    image_size: tuple[int, int]
 
 
 def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
@@ -89,7 +79,7 @@ class EngineCore:
             )
         images = [
             ImageFeature(image.identifier, image.offset, image.length,
-                         ImageInput(image.pixel_values.to_tensor(), tuple(image.image_size)))
+                         ProcessedImage(image.pixel_values.to_tensor(), tuple(image.image_size)))
             for image in request.images
         ]
         self.scheduler.add_request(Request(
