@@ -18,7 +18,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--demo", nargs="?", const=DEMO_SHAPES[0], choices=DEMO_SHAPES,
                    help="build (once) and use a tiny random-weight checkpoint of this shape")
     g.add_argument("--revision")
-    g.add_argument("--served-model-name")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--max-model-len", type=int)

@@ -29,7 +29,6 @@ def parse_bytes(value: int | float | str) -> int:
 class EngineConfig:
     model: str
     revision: str | None = None
-    served_model_name: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
