@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from caldera.benchmarks.hf_baseline import HFBaseline, HFRun, ProcessUsage, best_run
@@ -233,10 +234,11 @@ class CalderaProbe:
         self.scheduler = core.scheduler
         self.block_size = core.config.block_size
         self.block_pool = self.scheduler.kv_cache_manager.block_pool
+        self._restore: list[tuple[Any, str, Any]] = []
         self._wrap(runner, "run_encoders", self._timed("encoder"))
         self._wrap(runner, "forward", self._timed("forward"))
         self._wrap(runner.model, "compute_logits", self._timed("logits"))
-        runner.sampler = self._timed("sampler")(runner.sampler)
+        self._wrap(runner, "sampler", self._timed("sampler"))
         self._wrap(llm.processor, "process", self._timed("inputs"))
         self._wrap(self.scheduler, "schedule", self._after_schedule)
         self._wrap(llm.engine, "get_output", self._at_step)
@@ -250,9 +252,19 @@ class CalderaProbe:
         self._step_model = self._step_probe = 0.0
         self._step_kv = (0, 0, 0, 0)
 
-    @staticmethod
-    def _wrap(obj: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
+    def _wrap(self, obj: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
+        own = vars(obj).get(name)  # None: a method of the class, shadowed on the instance
+        self._restore.append((obj, name, own))
         setattr(obj, name, wrapper(getattr(obj, name)))
+
+    def remove(self) -> None:
+        """Puts every wrapped attribute back as it was."""
+        for obj, name, own in reversed(self._restore):
+            if own is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
+        self._restore = []
 
     def _timed(self, part: str) -> Callable[[Callable], Callable]:
         def wrapper(fn: Callable) -> Callable:
@@ -390,6 +402,7 @@ def run_caldera(
         llm.generate(prompts[:2], warm, use_tqdm=False)
         probe = CalderaProbe(llm)
         run = _timed_generate(llm, probe, prompts, params, options["max_num_seqs"])
+        probe.remove()
         if profile_path is not None:
             _reset_caches(llm)
             profiler = cProfile.Profile()
@@ -432,7 +445,7 @@ def _timed_generate(
         token_ids,
         [list(o.prompt_token_ids) for o in outputs],
         dict(probe.totals),
-        probe.steps,
+        list(probe.steps),
         max_num_seqs,
         used,
     )
@@ -694,6 +707,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=(224, 1024),
         help="image height and width in pixels, each drawn from LOW:HIGH",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for Caldera and transformers (default: torch's own choice); vLLM "
+        "binds its own (one core per worker, one kept for its front end)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument(
@@ -723,6 +743,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     batch_sizes = (
         [] if args.hf_batch_sizes == "none" else [int(b) for b in args.hf_batch_sizes.split(",")]
     )
@@ -744,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(
             f"checkpoint: {args.shape} shape, {text.hidden_size}-wide {text.num_layers}-layer "
             f"language model, {builder.config.vision.num_layers}-layer vision tower; "
-            f"engine options {options}"
+            f"engine options {options}; torch threads {torch.get_num_threads()}"
         )
         hf = HFBaseline(model_dir) if batch_sizes else None
         summaries = []

@@ -6,10 +6,12 @@ those of ``caldera.kernels.metadata`` (KV cache) and ``caldera.kernels.quant_ref
 (quantized weights). The kernel modules are imported on first use with a CUDA tensor, so
 CPU-only processes never compile (or interpret) a kernel.
 
-The torch attention path runs every layer of every step on CPU, so it batches: all decode
-requests (one new token) of the step in one padded, length-masked attention, and each prefill
-chunk as one SDPA call over its gathered context with a causal-offset mask. Computed in
-float32 like the reference, so it matches it to float32 round-off.
+On CPU, attention runs every layer of every step, so it is batched by kind. Rows of requests
+with few new tokens (decodes) go to the C++ op of ``caldera.kernels.cpu_attention``, which
+reads the blocks in place; where that op cannot be built, they go to one padded,
+length-masked SDPA over their gathered contexts. Each longer prefill chunk is one SDPA call
+over its gathered context with a causal-offset mask. All of it accumulates in float32 like the
+reference, so it matches it to float32 round-off.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from caldera.kernels import quant_reference
+from caldera.kernels import cpu_attention, quant_reference
 from caldera.kernels.metadata import AttentionMetadata
 from caldera.kernels.reference import gather_context
 
@@ -28,6 +30,9 @@ from caldera.kernels.reference import gather_context
 # of float32, so the gather buffers are recycled by the allocator rather than freshly mapped
 # (first-touch page faults cost more than the attention itself).
 _DECODE_GATHER_ELEMENTS = 1 << 22
+# Requests with at most this many new tokens are attended row by row by the C++ op; longer
+# chunks use SDPA, whose blocked matmuls win once the query has many rows.
+_SHORT_QUERY = 8
 
 
 @functools.cache
@@ -106,15 +111,31 @@ def paged_attention_torch(
     metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, D]
-    """The torch path: decodes batched into padded attention, one SDPA per prefill chunk."""
+    """The CPU path: short queries through the C++ op (or padded SDPA), one SDPA per longer
+    prefill chunk."""
     out = torch.empty_like(query)
     starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
-    decodes = [r for r in range(metadata.num_reqs) if starts[r + 1] - starts[r] == 1]
-    row_width = key_cache.shape[2] * key_cache.shape[3]
-    for chunk in _decode_chunks(sorted(decodes, key=lambda r: seq_lens[r]), seq_lens, row_width):
-        _decode_chunk(out, query, key_cache, value_cache, metadata, chunk, scale)
+    query_lens = [starts[r + 1] - starts[r] for r in range(metadata.num_reqs)]
+    if query.device.type == "cpu" and cpu_attention.load():
+        short = [r for r in range(metadata.num_reqs) if 0 < query_lens[r] <= _SHORT_QUERY]
+        rows, row_reqs, row_ctx = [], [], []
+        for r in short:
+            first_ctx = seq_lens[r] - query_lens[r] + 1
+            rows.extend(range(starts[r], starts[r + 1]))
+            row_reqs.extend([r] * query_lens[r])
+            row_ctx.extend(range(first_ctx, seq_lens[r] + 1))
+        if rows:
+            cpu_attention.paged_attention_rows(
+                out, query, key_cache, value_cache, metadata, rows, row_reqs, row_ctx, scale
+            )
+    else:
+        short = [r for r in range(metadata.num_reqs) if query_lens[r] == 1]
+        row_width = key_cache.shape[2] * key_cache.shape[3]
+        for chunk in _decode_chunks(sorted(short, key=lambda r: seq_lens[r]), seq_lens, row_width):
+            _decode_chunk(out, query, key_cache, value_cache, metadata, chunk, scale)
+    done = set(short)
     for r in range(metadata.num_reqs):
-        if starts[r + 1] - starts[r] > 1:
+        if query_lens[r] > 0 and r not in done:
             _prefill_one(out, query, key_cache, value_cache, metadata, r, scale)
     return out
 

@@ -39,6 +39,7 @@ def test_wheel_contains_and_imports_every_module(tmp_path):
         as_package = "/".join(parts) + "/__init__.py"
         assert as_file in names or as_package in names, f"{module} is missing from the wheel"
     assert "caldera/engine/templates/mistral.jinja" in names
+    assert "caldera/kernels/csrc/cpu_attention.cpp" in names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",

@@ -1,6 +1,7 @@
-"""The dispatch points: the torch (CPU) attention path against the reference, to float32
-round-off, on the same random ragged batches as the kernels; KV write and the quantized
-linears through ops. With a GPU the same checks run on CUDA tensors, through Triton."""
+"""The dispatch points: the CPU attention paths (the C++ op, and the pure-torch fallback used
+where it cannot be built) against the reference, to float32 round-off, on the same random
+ragged batches as the kernels; KV write and the quantized linears through ops. With a GPU the
+same checks run on CUDA tensors, through Triton."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import pytest
 import torch
 
-from caldera.kernels import ops, quant_reference
+from caldera.kernels import cpu_attention, ops, quant_reference
 from caldera.kernels.reference import write_kv_reference
 
 OPS_DEVICES = [
@@ -18,10 +19,30 @@ OPS_DEVICES = [
         "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
     ),
 ]
+# Attention paths: "cpu" is the C++ op (it must build where the tests run; set
+# CALDERA_CPU_KERNELS=0 to test without it), "cpu-torch" the fallback without it.
+ATTENTION_PATHS = [
+    "cpu",
+    "cpu-torch",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GQA = [(2, 2), (8, 2), (8, 1)]
 # The torch path computes in float32 like the reference; in fp32 they agree to round-off.
 ATOL_TORCH = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture
+def path_device(request, monkeypatch) -> str:
+    """The device of the attention path under test, with the C++ op on or off."""
+    path = request.param
+    if path == "cpu-torch":
+        monkeypatch.setattr(cpu_attention, "load", lambda: False)
+    elif path == "cpu" and cpu_attention.enabled():
+        assert cpu_attention.load(), "the C++ CPU attention op did not build (see the log)"
+    return "cuda" if path == "cuda" else "cpu"
 
 
 def _attention(batch) -> torch.Tensor:
@@ -36,11 +57,11 @@ def _check(out, batch, atol) -> None:
     torch.testing.assert_close(got, batch.reference().float(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("device", OPS_DEVICES)
+@pytest.mark.parametrize("path_device", ATTENTION_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", GQA, ids=lambda h: f"gqa{h[0] // h[1]}")
 @pytest.mark.parametrize("shape", [(64, 16), (128, 32)], ids=lambda s: f"d{s[0]}-b{s[1]}")
-def test_paged_attention_mixed_batch(kit, device, dtype, heads, shape):
+def test_paged_attention_mixed_batch(kit, path_device, dtype, heads, shape):
     rng = random.Random(shape[0] + heads[0] * 10 + heads[1])
     batch = kit.build_batch(
         *kit.mixed_lengths(rng, shape[1]),
@@ -49,24 +70,25 @@ def test_paged_attention_mixed_batch(kit, device, dtype, heads, shape):
         head_size=shape[0],
         block_size=shape[1],
         dtype=dtype,
-        device=device,
+        device=path_device,
         seed=1,
     )
-    atol = ATOL_TORCH[dtype] if device == "cpu" else kit.atol[dtype]
+    atol = ATOL_TORCH[dtype] if path_device == "cpu" else kit.atol[dtype]
     _check(_attention(batch), batch, atol)
 
 
-@pytest.mark.parametrize("device", OPS_DEVICES)
+@pytest.mark.parametrize("path_device", ATTENTION_PATHS, indirect=True)
 @pytest.mark.parametrize(
     ("query_lens", "context_lens"),
     [
         ([1] * 6, [0, 5, 16, 31, 70, 200]),  # decode-only
         ([40], [0]),  # a fresh prefill: plain causal
         ([17, 9], [33, 0]),  # prefill-only, one after a cached prefix
+        ([3, 1, 8, 2], [20, 7, 0, 45]),  # short chunks: row by row on the C++ path
     ],
-    ids=["decodes", "fresh-prefill", "prefills"],
+    ids=["decodes", "fresh-prefill", "prefills", "short-chunks"],
 )
-def test_paged_attention_batch_kinds(kit, device, query_lens, context_lens):
+def test_paged_attention_batch_kinds(kit, path_device, query_lens, context_lens):
     batch = kit.build_batch(
         query_lens,
         context_lens,
@@ -75,23 +97,23 @@ def test_paged_attention_batch_kinds(kit, device, query_lens, context_lens):
         head_size=64,
         block_size=16,
         dtype=torch.float32,
-        device=device,
+        device=path_device,
         seed=2,
     )
     _check(_attention(batch), batch, ATOL_TORCH[torch.float32])
 
 
-@pytest.mark.parametrize("device", OPS_DEVICES)
-def test_paged_attention_sliding_window(kit, device):
+@pytest.mark.parametrize("path_device", ATTENTION_PATHS, indirect=True)
+def test_paged_attention_sliding_window(kit, path_device):
     batch = kit.build_batch(
-        [1, 1, 12, 30],
-        [40, 3, 20, 0],
+        [1, 1, 5, 12, 30],
+        [40, 3, 18, 20, 0],
         num_heads=4,
         num_kv_heads=2,
         head_size=64,
         block_size=16,
         dtype=torch.float32,
-        device=device,
+        device=path_device,
         seed=3,
         sliding_window=10,
     )
@@ -99,7 +121,9 @@ def test_paged_attention_sliding_window(kit, device):
 
 
 def test_decodes_split_into_gather_chunks(kit, monkeypatch):
-    # A small gather budget forces several padded chunks; the result must not change.
+    # On the torch fallback, a small gather budget forces several padded chunks; the result
+    # must not change.
+    monkeypatch.setattr(cpu_attention, "load", lambda: False)
     monkeypatch.setattr(ops, "_DECODE_GATHER_ELEMENTS", 64 * 2 * 64)
     batch = kit.build_batch(
         [1] * 7 + [5],
