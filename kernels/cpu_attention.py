@@ -65,6 +65,9 @@ def load() -> bool:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob("*.so")):
+            logger.info("compiling the C++ CPU attention op for this CPU (once; about 10-30 s) "
+                        "into %s", directory)
         cpp_extension.load(
             name="caldera_cpu_attention",
             sources=[str(_SOURCE)],

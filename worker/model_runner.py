@@ -24,6 +24,7 @@ from caldera.scheduler.output import (
     SchedulerOutput,
 )
 from caldera.worker.config import ModelConfig
+from caldera.worker.host_memory import zeros_in_huge_pages
 from caldera.worker.models.llava import LlavaForConditionalGeneration
 from caldera.worker.sampler import Sampler, SamplingMetadata
 
@@ -100,17 +101,18 @@ class ModelRunner:
         self.vocab_size = config.text.vocab_size
         text = config.text
         shape = (num_blocks, block_size, text.num_kv_heads, text.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(text.num_layers)
-        ]
+        self.kv_caches = [(self._zeros(shape), self._zeros(shape)) for _ in range(text.num_layers)]
         self.requests: dict[str, RequestState] = {}
         self.encoder_cache: dict[str, torch.Tensor] = {}
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device=device)
         if seed is not None:
             self.default_generator.manual_seed(seed)
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return zeros_in_huge_pages(shape, self.dtype)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ---- request state ------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from caldera.kernels import cpu_attention
 from caldera.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from caldera.worker.config import ModelConfig
+from caldera.worker.host_memory import keep_freed_memory
 from caldera.worker.isq import make_linear_transform, model_bytes, parse_isq
 from caldera.worker.loader import load_model, resolve_dtype
 from caldera.worker.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -55,6 +57,11 @@ class Worker:
         if config.seed is not None:
             torch.manual_seed(config.seed)
         self.model = self._load()
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        if self.device.type == "cpu" and cpu_attention.enabled():
+            # Built (or loaded from its cache) now rather than inside the first request.
+            logger.info("CPU attention: %s", "C++ op" if cpu_attention.load() else "torch")
         self.num_blocks = self._num_blocks()
         self.runner = ModelRunner(
             self.model, self.model_config, num_blocks=self.num_blocks,

@@ -1,0 +1,51 @@
+"""keep_freed_memory: applied on Linux/glibc (in a fresh interpreter, since it is process-wide),
+and off when CALDERA_KEEP_FREED_MEMORY=0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = "from caldera.worker.host_memory import keep_freed_memory; print(keep_freed_memory())"
+
+
+def _applied(**env: str) -> bool:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          check=True, env={**os.environ, **env})
+    return done.stdout.split()[-1] == "True"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tuning")
+def test_applied_on_glibc_and_can_be_turned_off():
+    assert _applied()
+    assert not _applied(CALDERA_KEEP_FREED_MEMORY="0")
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+def _anon_huge_kib() -> int:
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages")
+def test_kv_cache_memory_in_huge_pages():
+    import torch
+
+    from caldera.worker.host_memory import zeros_in_huge_pages
+
+    before = _anon_huge_kib()
+    tensor = zeros_in_huge_pages((16, 1024, 1024), torch.float32)  # 64 MiB
+    assert not tensor.any()
+    assert _anon_huge_kib() - before >= 32 * 1024  # most of it; the ends may stay 4 KiB
