@@ -9,8 +9,11 @@ on to its peak working set, as an inference worker does anyway.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import math
+import mmap
 import os
 import sys
 
@@ -42,24 +45,26 @@ def keep_freed_memory() -> bool:
     return applied
 
 
-_MADV_HUGEPAGE = 14
 _HUGE_PAGE = 2 << 20
 
 
 def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor whose memory is asked to be backed by 2 MiB transparent huge pages.
+    """A zeroed CPU tensor in a fresh anonymous mapping advised for 2 MiB transparent huge pages.
 
     For the KV cache: decode attention reads blocks scattered over gigabytes, and with 4 KiB
     pages nearly every block costs a TLB miss whose page-table walk itself misses the caches.
-    Best effort: where madvise or THP is unavailable it is an ordinary zeroed tensor."""
-    tensor = torch.empty(shape, dtype=dtype)
-    nbytes = tensor.numel() * tensor.element_size()
-    if sys.platform.startswith("linux") and nbytes >= 2 * _HUGE_PAGE:
-        start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (tensor.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass
-    return tensor.zero_()
+    The mapping is fresh (never recycled heap pages, which would stay 4 KiB) and its tensor
+    starts on a 2 MiB boundary; its pages are zero until first written. Best effort: off
+    Linux, or where madvise is unavailable, it is an ordinary zeroed tensor."""
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if (not sys.platform.startswith("linux") or nbytes < 2 * _HUGE_PAGE
+            or not hasattr(mmap, "MADV_HUGEPAGE")):
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP off: ordinary pages
+        region.madvise(mmap.MADV_HUGEPAGE)
+    # The tensor keeps the mapping alive (it holds the buffer); it is unmapped when freed.
+    base = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
+    offset = (-base) % _HUGE_PAGE
+    return torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)

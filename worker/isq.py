@@ -397,4 +397,6 @@ def model_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += tensor.numel() * tensor.element_size()
+    # oneDNN-packed weights are opaque tensors held outside the parameters.
+    total += sum(getattr(m, "packed_bytes", 0) for m in model.modules())
     return total

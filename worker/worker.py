@@ -12,6 +12,7 @@ import torch
 from caldera.kernels import cpu_attention
 from caldera.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from caldera.worker.config import ModelConfig
+from caldera.worker.cpu_linear import pack_linears
 from caldera.worker.host_memory import keep_freed_memory
 from caldera.worker.isq import make_linear_transform, model_bytes, parse_isq
 from caldera.worker.loader import load_model, resolve_dtype
@@ -76,6 +77,10 @@ class Worker:
             transform = make_linear_transform(spec) if spec is not None else None
         model = load_model(Path(self.config.model_dir), self.model_config, dtype=self.dtype,
                            device=self.device, linear_transform=transform)
+        if self.device.type == "cpu":
+            packed = pack_linears(model, self.dtype)
+            if packed:
+                logger.info("%d linears packed for oneDNN", packed)
         attention, name = select_vision_attention(self.device, self.dtype)
         model.vision_tower.set_attention(attention)
         logger.info("vision tower attention: %s", name)

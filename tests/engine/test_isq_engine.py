@@ -8,6 +8,7 @@ import torch
 from support import make_image
 
 from caldera.engine import LLM, SamplingParams
+from caldera.worker.cpu_linear import PackedLinear
 from caldera.worker.isq import Int4Linear, Int8Linear, model_bytes
 
 
@@ -26,8 +27,9 @@ def test_isq_engine_runs(llava15_dir, unquantized, isq, layer):
     layers = model.language_model.model.layers
     assert isinstance(layers[0].self_attn.q_proj, layer)
     assert isinstance(layers[0].mlp.down_proj, layer)
+    # the vision tower stays in the model dtype (on CPU, packed for oneDNN)
     assert isinstance(model.vision_tower.vision_model.encoder.layers[0].mlp.fc1,
-                      torch.nn.Linear)  # the vision tower stays in the model dtype
+                      (torch.nn.Linear, PackedLinear))
     assert model_bytes(model) < model_bytes(unquantized.engine.core.worker.model)
 
     prompt = {"prompt": "USER: <image>\nWhat is this? ASSISTANT:", "images": [make_image(90, 120)]}
