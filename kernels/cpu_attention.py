@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,6 +56,17 @@ def build_dir() -> Path:
     return root / "kernels" / f"cpu_attention-{key}"
 
 
+def _ensure_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's binary is not there unless the venv
+    is activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def load() -> bool:
     """Builds (or loads the cached build of) the op; True when ``torch.ops.caldera_cpu`` has it."""
@@ -63,6 +75,7 @@ def load() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        _ensure_ninja_on_path()
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):

@@ -44,26 +44,31 @@ class RotaryEmbedding(nn.Module):
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each position's angles, ``[max_positions, head_dim / 2]``."""
         if device not in self._tables:
             exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             inv_freq = 1.0 / (self.theta**exponent)
             freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+            self._tables[device] = (freqs.cos().to(device), freqs.sin().to(device))
         return self._tables[device]
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_table, sin_table = self.tables(q.device)
-        cos = cos_table[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = sin_table[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``[T, 1, head_dim / 2]`` cos and sin of the step's positions, shared by all layers."""
+        cos_table, sin_table = self.tables(positions.device)
+        return cos_table[positions].unsqueeze(1).to(dtype), sin_table[positions].unsqueeze(1).to(
+            dtype
+        )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` over ``[T, heads, D]``, computed on the two halves
+    (both halves of the neox tables are equal), with the same roundings as that expression."""
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    torch.sub(x1 * cos, x2 * sin, out=out[..., :half])
+    torch.add(x2 * cos, x1 * sin, out=out[..., half:])
+    return out
 
 
 class LlamaAttention(nn.Module):
@@ -81,9 +86,8 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         hidden: torch.Tensor,
-        rotary: RotaryEmbedding,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -91,7 +95,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(hidden).view(tokens, -1, self.head_dim)
         k = self.k_proj(hidden).view(tokens, -1, self.head_dim)
         v = self.v_proj(hidden).view(tokens, -1, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         key_cache, value_cache = kv_cache
         ops.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         out = ops.paged_attention(q, key_cache, value_cache, meta, self.scale)
@@ -117,10 +121,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, rotary, kv_cache, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), rotary, kv_cache, meta
-        )
+    def forward(self, rotary, hidden, kv_cache, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(rotary, self.input_layernorm(hidden), kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -143,8 +145,9 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = inputs_embeds
+        rotary = self.rotary.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, self.rotary, kv_cache, meta)
+            hidden = layer(rotary, hidden, kv_cache, meta)
         return self.norm(hidden)
 
 
