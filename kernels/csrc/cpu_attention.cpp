@@ -55,15 +55,30 @@ struct Shape {
   int64_t group;  // query heads per KV head
 };
 
+// Calls fn(row, i) for the visible positions first <= pos < ctx in order, where row points at
+// the item's first KV head of that position in `cache` and i = pos - first.
+template <typename scalar_t, typename Fn>
+inline void for_each_position(const Shape& s, const scalar_t* cache, const int32_t* table,
+                              int64_t first, int64_t ctx, int64_t kv_lo, Fn&& fn) {
+  const int64_t B = s.block_size;
+  for (int64_t pos = first; pos < ctx;) {
+    const scalar_t* block = cache + static_cast<int64_t>(table[pos / B]) * B * s.num_kv_heads *
+                                        s.head_size;
+    for (const int64_t end = std::min(ctx, (pos / B + 1) * B); pos < end; ++pos) {
+      fn(block + ((pos % B) * s.num_kv_heads + kv_lo) * s.head_size, pos - first);
+    }
+  }
+}
+
 template <int kD, typename scalar_t>
 void attend_item(const Shape& s, scalar_t* out, const scalar_t* query, const scalar_t* key_cache,
                  const scalar_t* value_cache, const int32_t* table, int64_t row, int64_t first,
                  int64_t ctx, int64_t kv_lo, int64_t kv_hi, float scale,
                  std::vector<float>& buffer) {
-  const int64_t D = s.head_size, B = s.block_size, Hkv = s.num_kv_heads;
+  const int64_t D = s.head_size;
   const int64_t heads = (kv_hi - kv_lo) * s.group;  // query heads of this item
   const int64_t len = ctx - first;
-  buffer.resize(static_cast<size_t>(heads * D * 2 + heads * len));
+  buffer.resize(static_cast<size_t>(heads * D * 2 + heads * len + heads));
   float* q = buffer.data();      // [heads, D], pre-scaled
   float* acc = q + heads * D;    // [heads, D]
   float* scores = acc + heads * D;  // [heads, len]
@@ -75,18 +90,13 @@ void attend_item(const Shape& s, scalar_t* out, const scalar_t* query, const sca
   std::fill(acc, acc + heads * D, 0.f);
 
   // Pass 1: scores of every visible position, block by block.
-  for (int64_t pos = first; pos < ctx;) {
-    const int64_t block = table[pos / B];
-    const int64_t end = std::min(ctx, (pos / B + 1) * B);
-    for (; pos < end; ++pos) {
-      const scalar_t* k = key_cache + ((block * B + pos % B) * Hkv + kv_lo) * D;
-      for (int64_t h = 0; h < heads; ++h) {
-        scores[h * len + (pos - first)] = dot<kD>(q + h * D, k + (h / s.group) * D, D);
-      }
+  for_each_position(s, key_cache, table, first, ctx, kv_lo, [&](const scalar_t* k, int64_t i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      scores[h * len + i] = dot<kD>(q + h * D, k + (h / s.group) * D, D);
     }
-  }
+  });
   // Softmax per head (kept unnormalised; divided at the end).
-  std::vector<float> norm(static_cast<size_t>(heads));
+  float* norm = scores + heads * len;  // [heads]
   for (int64_t h = 0; h < heads; ++h) {
     float* row_scores = scores + h * len;
     float max = -std::numeric_limits<float>::infinity();
@@ -99,16 +109,11 @@ void attend_item(const Shape& s, scalar_t* out, const scalar_t* query, const sca
     norm[h] = 1.f / sum;
   }
   // Pass 2: probability-weighted values.
-  for (int64_t pos = first; pos < ctx;) {
-    const int64_t block = table[pos / B];
-    const int64_t end = std::min(ctx, (pos / B + 1) * B);
-    for (; pos < end; ++pos) {
-      const scalar_t* v = value_cache + ((block * B + pos % B) * Hkv + kv_lo) * D;
-      for (int64_t h = 0; h < heads; ++h) {
-        axpy<kD>(scores[h * len + (pos - first)], v + (h / s.group) * D, acc + h * D, D);
-      }
+  for_each_position(s, value_cache, table, first, ctx, kv_lo, [&](const scalar_t* v, int64_t i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      axpy<kD>(scores[h * len + i], v + (h / s.group) * D, acc + h * D, D);
     }
-  }
+  });
   for (int64_t h = 0; h < heads; ++h) {
     scalar_t* dst = out + (row * s.num_heads + h0 + h) * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[h * D + d] * norm[h]);
