@@ -324,10 +324,11 @@ def _cpu_time_us(fn: Callable[[], object], repeats: int = 7) -> float:
 
 
 def cpu_rows() -> list[Row]:
-    """The CPU attention path against the reference, quantized CPU linears against float32."""
+    """The CPU attention path (with the C++ op, and its pure-torch fallback) against the
+    reference, quantized CPU linears against float32."""
     import random
 
-    from caldera.kernels import ops, reference
+    from caldera.kernels import cpu_attention, ops, reference
 
     rng = random.Random(0)
     rows = []
@@ -364,6 +365,13 @@ def cpu_rows() -> list[Row]:
         )
         t = _cpu_time_us(lambda q=q, kc=kc, vc=vc, md=md: ops.paged_attention(q, kc, vc, md, 0.1))
         rows.append(Row("cpu attention", case, t, base / 1e3, "ref ms", base / t))
+        if cpu_attention.load():  # the same without the C++ op: the pure-torch fallback
+            t = _cpu_time_us(
+                lambda q=q, kc=kc, vc=vc, md=md: ops.paged_attention_torch(
+                    q, kc, vc, md, 0.1, native=False
+                )
+            )
+            rows.append(Row("cpu attn, torch", case, t, base / 1e3, "ref ms", base / t))
     for k, n in ((4096, 4096), (4096, 11008)):
         rows += _gemm_shape_rows(
             torch.device("cpu"), k, n, (1, 16, 128), torch.float32, _cpu_time_us, targets=None

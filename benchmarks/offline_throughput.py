@@ -621,6 +621,15 @@ def report(
             f"{same_outputs(caldera.outputs, vllm.outputs)}/{len(caldera.outputs)}"
         )
         summary |= {"vllm_tok_s": vllm.tokens_per_s, "ratio_vllm": ratio}
+        if hf_runs:
+            # The issue's target, measured side by side: Caldera's ratio to transformers
+            # against vLLM's ratio to the same transformers run.
+            vllm_vs_hf = vllm.tokens_per_s / best_run(hf_runs).tokens_per_s
+            print(
+                f"  vllm / transformers: {vllm_vs_hf:.2f}x; caldera / transformers "
+                f"{summary['ratio_hf']:.2f}x {'>=' if ratio >= 1 else '<'} vLLM's"
+            )
+            summary["ratio_vllm_hf"] = vllm_vs_hf
     totals = caldera.totals
     whole = 1.0 - caldera.model_s / caldera.wall_s
     steps_share, num_steps = caldera.outside_share()

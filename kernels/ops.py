@@ -110,13 +110,17 @@ def paged_attention_torch(
     value_cache: torch.Tensor,  # [N, B, Hkv, D]
     metadata: AttentionMetadata,
     scale: float,
+    *,
+    native: bool | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     """The CPU path: short queries through the C++ op (or padded SDPA), one SDPA per longer
-    prefill chunk."""
+    prefill chunk. ``native``: use the C++ op (None: when it builds; False: never)."""
     out = torch.empty_like(query)
     starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
     query_lens = [starts[r + 1] - starts[r] for r in range(metadata.num_reqs)]
-    if query.device.type == "cpu" and cpu_attention.load():
+    if native is None:
+        native = query.device.type == "cpu" and cpu_attention.load()
+    if native:
         short = [r for r in range(metadata.num_reqs) if 0 < query_lens[r] <= _SHORT_QUERY]
         rows, row_reqs, row_ctx = [], [], []
         for r in short:
