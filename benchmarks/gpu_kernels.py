@@ -367,7 +367,7 @@ def cpu_rows() -> list[Row]:
         rows.append(Row("cpu attention", case, t, base / 1e3, "ref ms", base / t))
         if cpu_attention.load():  # the same without the C++ op: the pure-torch fallback
             t = _cpu_time_us(
-                lambda q=q, kc=kc, vc=vc, md=md: ops.paged_attention_torch(
+                lambda q=q, kc=kc, vc=vc, md=md: ops.paged_attention_cpu(
                     q, kc, vc, md, 0.1, native=False
                 )
             )

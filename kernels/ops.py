@@ -101,10 +101,10 @@ def paged_attention(
                 query, key_cache, value_cache, metadata, scale, splits
             )
         return attention.paged_attention(query, key_cache, value_cache, metadata, scale)
-    return paged_attention_torch(query, key_cache, value_cache, metadata, scale)
+    return paged_attention_cpu(query, key_cache, value_cache, metadata, scale)
 
 
-def paged_attention_torch(
+def paged_attention_cpu(
     query: torch.Tensor,  # [T, H, D]
     key_cache: torch.Tensor,  # [N, B, Hkv, D]
     value_cache: torch.Tensor,  # [N, B, Hkv, D]
@@ -113,8 +113,9 @@ def paged_attention_torch(
     *,
     native: bool | None = None,
 ) -> torch.Tensor:  # [T, H, D]
-    """The CPU path: short queries through the C++ op (or padded SDPA), one SDPA per longer
-    prefill chunk. ``native``: use the C++ op (None: when it builds; False: never)."""
+    """The CPU path (also the fallback for CUDA tensors without triton): short queries
+    through the C++ op (or padded SDPA), one SDPA per longer prefill chunk. ``native``: use
+    the C++ op (None: on CPU tensors when it builds; False: never)."""
     out = torch.empty_like(query)
     starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
     query_lens = [starts[r + 1] - starts[r] for r in range(metadata.num_reqs)]

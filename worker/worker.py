@@ -60,9 +60,9 @@ class Worker:
         self.model = self._load()
         if self.device.type == "cpu":
             keep_freed_memory()
-        if self.device.type == "cpu" and cpu_attention.enabled():
-            # Built (or loaded from its cache) now rather than inside the first request.
-            logger.info("CPU attention: %s", "C++ op" if cpu_attention.load() else "torch")
+            if cpu_attention.enabled():
+                # Built (or loaded from its cache) now rather than inside the first request.
+                logger.info("CPU attention: %s", "C++ op" if cpu_attention.load() else "torch")
         self.num_blocks = self._num_blocks()
         self.runner = ModelRunner(
             self.model, self.model_config, num_blocks=self.num_blocks,
