@@ -53,9 +53,9 @@ def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 
     For the KV cache: decode attention reads blocks scattered over gigabytes, and with 4 KiB
     pages nearly every block costs a TLB miss whose page-table walk itself misses the caches.
-    The mapping is fresh (never recycled heap pages, which would stay 4 KiB) and its tensor
-    starts on a 2 MiB boundary; its pages are zero until first written. Best effort: off
-    Linux, or where madvise is unavailable, it is an ordinary zeroed tensor."""
+    The mapping is fresh (never recycled heap pages, which would stay 4 KiB), its tensor
+    starts on a 2 MiB boundary, and its pages are faulted in before it is returned. Best
+    effort: off Linux, or where madvise is unavailable, it is an ordinary zeroed tensor."""
     count = math.prod(shape)
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     if (not sys.platform.startswith("linux") or nbytes < 2 * _HUGE_PAGE
@@ -67,4 +67,7 @@ def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     # The tensor keeps the mapping alive (it holds the buffer); it is unmapped when freed.
     base = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
     offset = (-base) % _HUGE_PAGE
-    return torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
+    tensor = torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
+    # Fault every page in now (as torch.zeros would), not inside the steps that first write
+    # there; this also claims the memory up front.
+    return tensor.zero_()
