@@ -483,6 +483,7 @@ def _vllm_child(spec_path: str) -> None:
         max_model_len=spec["max_model_len"],
         max_num_seqs=spec["max_num_seqs"],
         max_num_batched_tokens=spec["max_num_batched_tokens"],
+        **({"block_size": spec["block_size"]} if spec["block_size"] != 16 else {}),
         seed=0,
     )
     prompts = []
@@ -538,6 +539,7 @@ def run_vllm(
         "max_model_len": options["max_model_len"],
         "max_num_seqs": options["max_num_seqs"],
         "max_num_batched_tokens": options["max_num_batched_tokens"],
+        "block_size": options["block_size"],
         "result": str(workdir / f"vllm-{workload.name}.json"),
     }
     spec_path = workdir / f"vllm-{workload.name}-spec.json"
@@ -726,6 +728,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="KV cache block size in tokens (passed to vLLM only when not 16: vLLM CPU's "
+        "engine fails to start when given its own default explicitly)",
+    )
+    p.add_argument(
         "--hf-batch-sizes",
         default="8,16",
         help="static batch sizes to sweep, comma-separated, most promising first (a pass "
@@ -769,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "dtype": "float32",
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "max_model_len": -(-(longest + 1) // 256) * 256,
+            "block_size": args.block_size,
             "seed": args.seed,
         }
         text = builder.config.text
