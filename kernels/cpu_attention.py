@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,28 +101,61 @@ def load() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class RowPlan:
+    """The query rows of one step the op attends: those of requests with at most
+    ``max_query_len`` new tokens. Row i belongs to request ``row_reqs[i]`` and sees its
+    positions below ``row_ctx[i]`` (within the sliding window, if any)."""
+
+    reqs: list[int]  # the requests covered
+    rows: torch.Tensor  # [M] int64
+    row_reqs: torch.Tensor  # [M] int32
+    row_ctx: torch.Tensor  # [M] int32
+
+
+def row_plan(metadata: AttentionMetadata, max_query_len: int) -> RowPlan:
+    """The step's plan, built once and kept in ``metadata.plans`` for the other layers."""
+    key = f"cpu_attention_rows:{max_query_len}"
+    plan = metadata.plans.get(key)
+    if plan is None:
+        starts, seq_lens = metadata.query_start_loc_host, metadata.seq_lens_host
+        reqs, rows, row_reqs, row_ctx = [], [], [], []
+        for r in range(metadata.num_reqs):
+            q_len = starts[r + 1] - starts[r]
+            if 0 < q_len <= max_query_len:
+                reqs.append(r)
+                rows.extend(range(starts[r], starts[r + 1]))
+                row_reqs.extend([r] * q_len)
+                row_ctx.extend(range(seq_lens[r] - q_len + 1, seq_lens[r] + 1))
+        plan = RowPlan(
+            reqs,
+            torch.tensor(rows, dtype=torch.int64),
+            torch.tensor(row_reqs, dtype=torch.int32),
+            torch.tensor(row_ctx, dtype=torch.int32),
+        )
+        metadata.plans[key] = plan
+    return plan
+
+
 def paged_attention_rows(
-    out: torch.Tensor,  # [T, H, D], written at ``rows``
+    out: torch.Tensor,  # [T, H, D], written at the plan's rows
     query: torch.Tensor,  # [T, H, D]
     key_cache: torch.Tensor,  # [N, B, Hkv, D]
     value_cache: torch.Tensor,  # [N, B, Hkv, D]
     metadata: AttentionMetadata,
-    rows: list[int],
-    row_reqs: list[int],
-    row_ctx: list[int],
+    plan: RowPlan,
     scale: float,
 ) -> None:
-    """Attention of query rows ``rows``; row i belongs to request ``row_reqs[i]`` and sees its
-    positions below ``row_ctx[i]`` (within the sliding window, if any)."""
+    """Attention of the query rows of ``plan``."""
     torch.ops.caldera_cpu.paged_attention_rows(
         out,
         query.contiguous(),
         key_cache,
         value_cache,
         metadata.block_tables,
-        torch.tensor(rows, dtype=torch.int64),
-        torch.tensor(row_reqs, dtype=torch.int32),
-        torch.tensor(row_ctx, dtype=torch.int32),
+        plan.rows,
+        plan.row_reqs,
+        plan.row_ctx,
         scale,
         metadata.sliding_window or 0,
     )

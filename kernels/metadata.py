@@ -15,7 +15,8 @@ Paged KV cache (one pair per layer)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,9 @@ class AttentionMetadata:
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
     sliding_window: int | None = None
+    # Host-side plans derived from the fields above by a CPU path, built on the first layer's
+    # call and reused by the others (the metadata is one step's, shared by every layer).
+    plans: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_reqs(self) -> int:

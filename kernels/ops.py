@@ -122,17 +122,12 @@ def paged_attention_cpu(
     if native is None:
         native = query.device.type == "cpu" and cpu_attention.load()
     if native:
-        short = [r for r in range(metadata.num_reqs) if 0 < query_lens[r] <= _SHORT_QUERY]
-        rows, row_reqs, row_ctx = [], [], []
-        for r in short:
-            first_ctx = seq_lens[r] - query_lens[r] + 1
-            rows.extend(range(starts[r], starts[r + 1]))
-            row_reqs.extend([r] * query_lens[r])
-            row_ctx.extend(range(first_ctx, seq_lens[r] + 1))
-        if rows:
+        plan = cpu_attention.row_plan(metadata, _SHORT_QUERY)
+        if plan.reqs:
             cpu_attention.paged_attention_rows(
-                out, query, key_cache, value_cache, metadata, rows, row_reqs, row_ctx, scale
+                out, query, key_cache, value_cache, metadata, plan, scale
             )
+        short = plan.reqs
     else:
         short = [r for r in range(metadata.num_reqs) if query_lens[r] == 1]
         row_width = key_cache.shape[2] * key_cache.shape[3]
