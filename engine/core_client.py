@@ -9,6 +9,7 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -86,9 +87,25 @@ def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None
         conn.send_bytes(encoder.encode(Ready(error=f"{type(exc).__name__}: {exc}")))
         return
     conn.send_bytes(encoder.encode(Ready(core.num_blocks, core.max_model_len)))
+    try:
+        _loop(core, conn, encoder, commands)
+    except (EOFError, OSError):  # the front end is gone
+        return
+    except Exception as exc:  # a failed step: every pending request fails with its message
+        logger.exception("the engine step failed")
+        with contextlib.suppress(OSError):
+            conn.send_bytes(encoder.encode(
+                EngineCoreOutputs(error=f"engine step failed: {type(exc).__name__}: {exc}")))
+        raise SystemExit(1) from None
+
+
+def _loop(core: EngineCore, conn, encoder: msgspec.msgpack.Encoder,
+          commands: msgspec.msgpack.Decoder) -> None:
     refusals: list[EngineCoreOutput] = []
+    last_stats = None
     while True:
-        while conn.poll(0) or not (core.has_unfinished_requests() or refusals):
+        while conn.poll(0) or not (core.has_unfinished_requests() or refusals
+                                   or core.has_finished_requests()):
             command = commands.decode(conn.recv_bytes())
             if isinstance(command, Shutdown):
                 return
@@ -103,7 +120,9 @@ def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None
         if refusals:
             outputs.outputs = refusals + outputs.outputs
             refusals = []
-        if outputs.outputs:
+        # Stats alone go out when they changed (an abort frees blocks without any output).
+        if outputs.outputs or outputs.stats != last_stats:
+            last_stats = outputs.stats
             conn.send_bytes(encoder.encode(outputs))
 
 
@@ -111,7 +130,10 @@ class MPClient:
     """Runs EngineCore in a child process; a reader thread queues what it sends back."""
 
     def __init__(self, config: EngineConfig, eos_token_id: int | None,
-                 startup_timeout: float = 900.0) -> None:
+                 startup_timeout: float = 900.0,
+                 on_output: Callable[[EngineCoreOutputs], None] | None = None) -> None:
+        """``on_output``, when given, receives every batch of outputs on the reader thread
+        (the async front end hands them to its event loop) instead of ``get_output``."""
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=run_engine_core, name="caldera-engine-core",
@@ -129,10 +151,17 @@ class MPClient:
             raise EngineDeadError(f"the engine failed to start: {ready.error}")
         self.num_blocks, self.max_model_len = ready.num_blocks, ready.max_model_len
         self._outputs: queue.Queue[EngineCoreOutputs] = queue.Queue()
+        self._deliver = on_output or self._outputs.put
         self._dead: str | None = None
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name="caldera-engine-reader")
         self._reader.start()
+        # Commands are written by their own thread: a request carrying megabytes of pixels
+        # must not block the caller (the server's event loop) while the engine is mid-step.
+        self._commands: queue.Queue[bytes | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name="caldera-engine-writer")
+        self._writer.start()
 
     def _recv_or_dead(self) -> bytes:
         try:
@@ -150,18 +179,36 @@ class MPClient:
                 data = self._recv_or_dead()
             except EngineDeadError as exc:
                 self._dead = str(exc)
-                self._outputs.put(EngineCoreOutputs(error=self._dead))
+                self._deliver(EngineCoreOutputs(error=self._dead))
                 return
-            self._outputs.put(decoder.decode(data))
+            outputs = decoder.decode(data)
+            if outputs.error is not None:
+                self._dead = outputs.error
+            self._deliver(outputs)
+            if outputs.error is not None:
+                return
+
+    def _write_loop(self) -> None:
+        while (data := self._commands.get()) is not None:
+            try:
+                self._conn.send_bytes(data)
+            except (BrokenPipeError, OSError):
+                self._dead = self._dead or "the engine process is gone"
+                return
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self.process.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
 
     def _send(self, command: AddRequest | AbortRequests | Shutdown) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        try:
-            with self._send_lock:
-                self._conn.send_bytes(self._encoder.encode(command))
-        except (BrokenPipeError, OSError) as exc:
-            raise EngineDeadError("the engine process is gone") from exc
+        with self._send_lock:
+            self._commands.put(self._encoder.encode(command))
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(AddRequest(request))
@@ -187,4 +234,7 @@ class MPClient:
             self.process.join(timeout=10)
             if self.process.is_alive():
                 self.process.kill()
+                self.process.join(timeout=5)
+        self._commands.put(None)
+        self._writer.join(timeout=5)
         self._conn.close()

@@ -36,13 +36,15 @@ class TensorData(msgspec.Struct, array_like=True, gc=False):
 
 
 class ImageData(msgspec.Struct, array_like=True, gc=False):
-    """One preprocessed image of a request: its placeholder range, hash and pixels."""
+    """One preprocessed image of a request: its placeholder range, hash and pixels;
+    ``base_only`` marks a LLaVA-NeXT image at low detail (the base tile alone)."""
 
     identifier: str
     offset: int
     length: int
     image_size: tuple[int, int]
     pixel_values: TensorData
+    base_only: bool = False
 
 
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -65,6 +67,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_cached_tokens: int = 0
     # Set when the core refused or lost this request (finish_reason is then "abort").
     error: str | None = None
+    # time.monotonic() (the host's clock, shared with the front end) of the request's first
+    # scheduling; sent once, with its first output.
+    first_scheduled_time: float | None = None
 
 
 class SchedulerStatsMessage(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -74,6 +79,11 @@ class SchedulerStatsMessage(msgspec.Struct, array_like=True, omit_defaults=True,
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    # Cumulative: vision encoder wall time, images encoded, images served without encoding
+    # (encoder cache or prefix cache).
+    encoder_seconds: float = 0.0
+    encoder_runs: int = 0
+    encoder_cache_hits: int = 0
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -132,6 +132,8 @@ class OutputProcessor:
         if out.prompt_logprobs and parent.prompt_logprobs is not None and child.index == 0:
             parent.prompt_logprobs.extend(self._format(lp) for lp in out.prompt_logprobs)
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        if out.first_scheduled_time is not None and parent.metrics.first_scheduled_time is None:
+            parent.metrics.first_scheduled_time = out.first_scheduled_time
         if out.new_token_ids and parent.metrics.first_token_time is None:
             parent.metrics.first_token_time = now
         child.token_ids.extend(out.new_token_ids)

@@ -9,6 +9,7 @@ transformers reads them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -179,6 +180,27 @@ class Tokenizer:
             return self._token(ids)
         return [self._token(i) for i in ids]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprob ``bytes``): a byte-fallback
+        token's byte, a byte-level BPE token's bytes, a sentencepiece piece with its leading
+        space. An id with no token (a vocabulary padded past the tokenizer) has none."""
+        token = self._tok.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token_id in self.byte_fallback_ids:
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level:
+            table = _byte_decoder()
+            if all(ch in table for ch in token):
+                return bytes(table[ch] for ch in token)
+        if self.is_special(token_id):
+            return token.encode()
+        return token.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return "ByteLevel" in type(self._tok.decoder).__name__ if self._tok.decoder else False
+
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
         if isinstance(tokens, str):
             return self._tok.token_to_id(tokens)
@@ -236,3 +258,18 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from caldera.engine.sampling_params import SamplingParams
-from caldera.scheduler.output import Logprobs
+from caldera.scheduler.output import Logprobs, SamplingParams
 
 _NEG_INF = float("-inf")
 
@@ -77,6 +76,10 @@ class SamplingMetadata:
     # Flat (row, id) pairs whose logits are set to -inf.
     suppress_rows: torch.Tensor | None = None
     suppress_ids: torch.Tensor | None = None
+    # Flat (row, id, bias) triples of OpenAI's logit_bias, added to the logits.
+    bias_rows: torch.Tensor | None = None
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
     # Sampled rows that draw from their own generator, and the rows that share one.
     seeded: tuple[tuple[int, torch.Generator], ...] = ()
     shared_rows: torch.Tensor | None = None
@@ -131,6 +134,8 @@ class SamplingMetadata:
             metadata._build_penalties(params, prompt_token_ids, output_token_ids, device)
         if not no_suppress:
             metadata._build_suppress(suppress_token_ids, device)
+        if any(p.logit_bias for p in params):
+            metadata._build_bias(params, device)
         return metadata
 
     def _build_random(
@@ -221,6 +226,21 @@ class SamplingMetadata:
         self.suppress_rows, self.suppress_ids = flat[:, 0], flat[:, 1]
 
 
+    def _build_bias(self, params: Sequence[SamplingParams], device: torch.device | str) -> None:
+        triples = [
+            (row, tid, value)
+            for row, p in enumerate(params)
+            for tid, value in (p.logit_bias or {}).items()
+            if 0 <= tid < self.vocab_size
+        ]
+        if not triples:
+            return
+        self.bias_rows = torch.tensor([t[0] for t in triples], dtype=torch.int64, device=device)
+        self.bias_ids = torch.tensor([t[1] for t in triples], dtype=torch.int64, device=device)
+        self.bias_values = torch.tensor([t[2] for t in triples], dtype=torch.float32,
+                                        device=device)
+
+
 def _has_penalty(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
@@ -273,6 +293,14 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
         logits.sub_(metadata.frequency_penalties.unsqueeze(1) * counts)
     if metadata.presence_penalties is not None:
         logits.sub_(metadata.presence_penalties.unsqueeze(1) * (counts > 0))
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Add each request's logit_bias to its row, in place (after penalties, as vLLM)."""
+    if metadata.bias_rows is not None:
+        logits.index_put_((metadata.bias_rows, metadata.bias_ids), metadata.bias_values,
+                          accumulate=True)
     return logits
 
 
@@ -349,14 +377,15 @@ class Sampler:
             f"logits must be [{metadata.num_requests}, V], got {tuple(logits.shape)}"
         )
         md = metadata
-        if md.all_greedy and md.no_penalties and md.no_suppress and md.no_logprobs:
+        if (md.all_greedy and md.no_penalties and md.no_suppress and md.no_logprobs
+                and md.bias_rows is None):
             # The common case: float32 conversion preserves order, so argmax the raw logits.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * md.num_requests)
         raw_logprobs = None
         if not md.no_logprobs:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         work = logits.to(torch.float32, copy=True)
-        apply_suppression(apply_penalties(work, md), md)
+        apply_suppression(apply_logit_bias(apply_penalties(work, md), md), md)
         if md.all_greedy:
             sampled = work.argmax(dim=-1)
         elif md.all_random:
