@@ -58,11 +58,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.demo:
         from caldera.engine.demo_checkpoints import demo_checkpoint
 
-        if args.demo == DEMO_SHAPES[0]:
-            logging.getLogger("caldera").warning(
-                "DEMO MODE: SmolLM2-135M-Instruct (trained) in a LLaVA-1.5 shape; its vision "
-                "tower and projector are RANDOM, so it answers text but does not see images")
-        else:
+        if args.demo != DEMO_SHAPES[0]:  # the trained demo's builder logs its own warning
             logging.getLogger("caldera").warning(
                 "DEMO MODE: a tiny checkpoint with RANDOM weights (shape %s); its outputs are "
                 "meaningless text", args.demo)

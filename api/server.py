@@ -224,41 +224,63 @@ async def _run(c: ServingContext, request: Request, prefix: str,
             result = await until_done_or_disconnect(request, full(prepared, request_id))
             return json_response(result)
     except BaseException:
-        admission.__exit__()
+        admission.release()
         raise
+    finally:
+        if not streaming:
+            admission.release()
+    return _EventStream(stream(prepared, request_id), admission)
 
-    async def body() -> AsyncIterator[bytes]:
+
+class _EventStream(StreamingResponse):
+    """SSE that releases its admission however the response ends (even never started)."""
+
+    def __init__(self, body: AsyncIterator[bytes], admission: Admission) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            async for chunk in stream(prepared, request_id):
-                yield chunk
+            await super().__call__(scope, receive, send)
         finally:
-            admission.__exit__()
-
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.admission.release()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()  # its request is aborted now, not at garbage collection
 
 
 def _add_auth(app: FastAPI, config: ServerConfig) -> None:
-    if not config.api_key:
-        return
-    expected = config.api_key.encode()
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        path = request.url.path
-        # Everything but the health probe and the web page's own files (the page asks for
-        # the key and sends it with its API calls).
-        open_path = path == "/health" or path == "/" or path.startswith(UI_PREFIX)
-        if request.method == "OPTIONS" or open_path:
-            return await call_next(request)
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 expected):
-            return error_response(APIError(
-                401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
-                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-        return await call_next(request)
+
+class APIKeyMiddleware:
+    """Bearer-token check on every route but the health probe and the web page's own files
+    (the page asks for the key and sends it with its API calls). Plain ASGI, so the request's
+    disconnect still reaches the handler (it aborts the generation)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self._open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(APIError(
+            401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _open(path: str) -> bool:
+        return path == "/health" or path == "/" or path.startswith(UI_PREFIX)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

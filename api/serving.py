@@ -125,10 +125,17 @@ class Admission:
                                     "later", code="queue_full",
                                headers={"Retry-After": "1"})
         ctx.metrics.in_flight += 1
+        self._held = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.ctx.metrics.in_flight -= 1
+        self.release()
+
+    def release(self) -> None:
+        """Idempotent: the request no longer counts."""
+        if getattr(self, "_held", False):
+            self._held = False
+            self.ctx.metrics.in_flight -= 1
 
 
 async def run_to_end(ctx: ServingContext, processed: ProcessedPrompt,

@@ -99,7 +99,7 @@ def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> PreparedC
 
 
 def _logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
-              entries: Sequence[dict[int, Logprob] | None], top: int,
+              entries: Sequence[dict[int, Logprob]], top: int,
               offset: int) -> CompletionLogprobs:
     tokens, values, tops, offsets = [], [], [], []
     for token_id, entry in zip(token_ids, entries):
@@ -107,10 +107,6 @@ def _logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-        if entry is None:
-            values.append(None)
-            tops.append(None)
-            continue
         values.append(entry[token_id].logprob)
         ranked = sorted((lp.rank or 0, tid, lp.logprob) for tid, lp in entry.items()
                         if lp.rank is not None and lp.rank <= top)
@@ -145,11 +141,11 @@ def _choices(ctx: ServingContext, req: CompletionRequest, out: RequestOutput,
         if req.logprobs is not None:
             parts_ids: list[int] = []
             parts_entries: list = []
-            if req.echo:
-                parts_ids += out.prompt_token_ids
-                parts_entries += list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
+            if req.echo:  # the first prompt token has no logprob: the schema has no null
+                parts_ids += out.prompt_token_ids[1:]
+                parts_entries += list(out.prompt_logprobs or [])[1:]
             parts_ids += c.token_ids
-            parts_entries += list(c.logprobs or [None] * len(c.token_ids))
+            parts_entries += list(c.logprobs or [])
             logprobs = _logprobs(ctx.tokenizer, parts_ids, parts_entries, top, 0)
         choices.append(CompletionChoice(base_index + c.index, text, logprobs,
                                         finish_reason(c.finish_reason) or "stop"))

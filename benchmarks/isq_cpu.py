@@ -35,7 +35,7 @@ def measure(model_dir: Path, options: dict, prompts: list[str], max_tokens: int)
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    weights = model_bytes(llm.engine.core.worker.model)
+    weights = model_bytes(llm.engine.core.executor.worker.model)
     llm.shutdown()
     return weights, tokens / elapsed
 

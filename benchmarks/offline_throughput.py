@@ -230,7 +230,7 @@ class CalderaProbe:
 
     def __init__(self, llm: LLM) -> None:
         core = llm.engine.core
-        runner = core.worker.runner
+        runner = core.executor.worker.runner
         self.scheduler = core.scheduler
         self.block_size = core.config.block_size
         self.block_pool = self.scheduler.kv_cache_manager.block_pool

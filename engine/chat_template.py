@@ -9,6 +9,9 @@ content as one text part. Templates written for string content (they never itera
 ``message['content']``) get the text parts joined instead, with one ``"<image>\\n"`` per image
 in front.
 
+Each image part may carry an OpenAI ``detail`` ("auto", "low" or "high"; in ``image_url``, or
+on the part itself as the Responses API writes it); ``render`` returns it beside each image.
+
 Every image becomes exactly one ``<image>`` in the prompt. Either the user wrote the markers in
 the text (``"<image>What is shown?"``, as LLaVA clients do), and the template is not shown the
 image parts, or the user wrote none and the template places them.
@@ -38,6 +41,8 @@ BUILTIN_TEMPLATES = ("llava-1.5", "vicuna", "mistral")
 ROLES = ("system", "user", "assistant")
 TEXT_PART_TYPES = ("text", "input_text")
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+# OpenAI's image detail levels; "auto" when a part names none.
+IMAGE_DETAILS = ("auto", "low", "high")
 # Where each image part type keeps its image, in the order looked at.
 _IMAGE_KEYS = {
     "image_url": ("image_url",),
@@ -255,6 +260,7 @@ class _Part:
     kind: Literal["text", "image"]
     text: str = ""
     source: Any = None
+    detail: str = "auto"
 
 
 def _image_source(part: dict, where: str) -> Any:
@@ -270,6 +276,22 @@ def _image_source(part: dict, where: str) -> Any:
     raise ChatTemplateError(f"{where}: a {part['type']!r} part needs a {' or '.join(keys)!r} field")
 
 
+def _image_detail(part: dict, where: str) -> str:
+    """The ``detail`` of an image part: in its ``image_url`` object, else on the part."""
+    nested = part.get("image_url")
+    detail = nested.get("detail") if isinstance(nested, dict) else None
+    if detail is None:
+        detail = part.get("detail")
+    if detail is None:
+        return "auto"
+    if detail not in IMAGE_DETAILS:
+        raise ChatTemplateError(
+            f"{where}: image detail {detail!r} is not accepted; use one of "
+            f"{', '.join(map(repr, IMAGE_DETAILS))}"
+        )
+    return detail
+
+
 def _parse_part(part: Any, where: str) -> _Part:
     if isinstance(part, str):
         return _Part("text", text=part)
@@ -282,7 +304,9 @@ def _parse_part(part: Any, where: str) -> _Part:
             raise ChatTemplateError(f"{where}: a text part needs a string 'text' field")
         return _Part("text", text=text)
     if kind in IMAGE_PART_TYPES:
-        return _Part("image", source=_image_source(part, where))
+        return _Part(
+            "image", source=_image_source(part, where), detail=_image_detail(part, where)
+        )
     raise ChatTemplateError(
         f"{where} has type {kind!r}; accepted types: "
         f"{', '.join(TEXT_PART_TYPES + IMAGE_PART_TYPES)}"
@@ -315,11 +339,13 @@ def _parse_message(message: Any, index: int) -> tuple[str, list[_Part], dict[str
 @dataclass(frozen=True)
 class RenderedPrompt:
     """The prompt text, with one ``<image>`` per image; ``image_sources`` are the images in
-    the order of their markers (as given in the messages: url strings or objects)."""
+    the order of their markers (as given in the messages: url strings or objects), and
+    ``image_details`` their detail levels (one of :data:`IMAGE_DETAILS` each)."""
 
     text: str
     num_images: int
     image_sources: list[Any] = field(default_factory=list)
+    image_details: list[str] = field(default_factory=list)
 
 
 class ChatTemplate:
@@ -364,7 +390,8 @@ class ChatTemplate:
         if not isinstance(messages, list) or not messages:
             raise ChatTemplateError("messages must be a non-empty list")
         parsed = [_parse_message(m, i) for i, m in enumerate(messages)]
-        sources = [p.source for _, parts, _ in parsed for p in parts if p.kind == "image"]
+        images = [p for _, parts, _ in parsed for p in parts if p.kind == "image"]
+        sources = [p.source for p in images]
         show_images = self._user_markers(parsed, len(sources)) == 0
         template_messages = [
             self._template_message(role, parts, extra, show_images) for role, parts, extra in parsed
@@ -385,7 +412,12 @@ class ChatTemplate:
                 f"renders images for (user messages), or write one {self.image_token} per image "
                 "in the text"
             )
-        return RenderedPrompt(text=text, num_images=len(sources), image_sources=sources)
+        return RenderedPrompt(
+            text=text,
+            num_images=len(sources),
+            image_sources=sources,
+            image_details=[p.detail for p in images],
+        )
 
     def _user_markers(self, parsed: list, num_images: int) -> int:
         markers = sum(

@@ -44,6 +44,17 @@ class EngineConfig:
     isq_group_size: int | None = None
     chat_template: str | None = None
     allowed_local_media_paths: tuple[str, ...] = field(default_factory=tuple)
+    # Tensor parallelism over Ray workers; "uni" runs the model in this process, "ray" in Ray
+    # actors (the default when tensor_parallel_size > 1).
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    # Ray cluster to join (default: RAY_ADDRESS, else a local one is started).
+    ray_address: str | None = None
+    # Seconds to wait for Ray to place the workers before failing with what is missing.
+    ray_placement_timeout: float = 60.0
+    # Hex id of an existing placement group for the workers (default: the one this process
+    # runs in, as a Ray Serve replica does, else a new one).
+    ray_placement_group: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64):
@@ -56,6 +67,17 @@ class EngineConfig:
             raise ValueError("scheduling_policy must be 'fcfs' or 'priority'")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got "
+                             f"{self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in (None, "uni", "ray"):
+            raise ValueError("distributed_executor_backend must be 'uni' or 'ray', got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.tensor_parallel_size > 1 and self.distributed_executor_backend == "uni":
+            raise ValueError("tensor_parallel_size > 1 runs its ranks as Ray workers: use "
+                             "distributed_executor_backend='ray' (or leave it unset)")
+        if self.ray_placement_timeout <= 0:
+            raise ValueError("ray_placement_timeout must be positive")
 
     @property
     def kv_cache_bytes(self) -> int | None:

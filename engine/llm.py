@@ -40,7 +40,7 @@ def to_core_request(request_id: str, processed: ProcessedPrompt, params: Samplin
                     priority: int = 0) -> EngineCoreRequest:
     images = [
         ImageData(f.identifier, f.offset, f.length, tuple(f.data.image_size),
-                  TensorData.from_tensor(f.data.pixel_values))
+                  TensorData.from_tensor(f.data.pixel_values), f.data.base_only)
         for f in processed.images
     ]
     return EngineCoreRequest(request_id, processed.token_ids, params, images, eos_token_id,
@@ -72,10 +72,12 @@ class LLM:
         self.config = EngineConfig(model=model, **options)
         model_dir = resolve_model_path(model, self.config.revision)
         self.model_config = ModelConfig.from_model_dir(model_dir)
-        # Offline, the caller names its own files: local paths are allowed unless restricted.
+        # Offline, the caller names its own files and URLs: local paths are allowed unless
+        # restricted, and URLs may reach hosts on the caller's own network.
         self.processor = InputProcessor(
             model_dir, self.model_config, chat_template=self.config.chat_template,
             allowed_local_media_paths=self.config.allowed_local_media_paths or ("/",),
+            allow_private_media_urls=True,
         )
         self.tokenizer = self.processor.tokenizer
         eos = self.tokenizer.eos_token_id
@@ -94,7 +96,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Text prompts, or ``{"prompt": text with one <image> per image, "images": [...]}``
-        (PIL images, paths, URLs, bytes, data: URLs). Outputs come back in prompt order."""
+        (PIL images, paths, URLs, bytes, data: URLs), optionally with ``"image_details"``:
+        "auto", "low" or "high" per image. Outputs come back in prompt order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         processed = [self._process_prompt(p) for p in prompts]
@@ -120,22 +123,34 @@ class LLM:
         self, messages: list[dict], sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
         """One conversation's reply as it is generated, text delta by text delta."""
+        for out in self.stream_chat_outputs(messages, sampling_params):
+            if out.outputs[0].text_delta:
+                yield out.outputs[0].text_delta
+
+    def stream_chat_outputs(
+        self, messages: list[dict], sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """One conversation's RequestOutput after each step that changed it; the last one is
+        finished and carries the request's metrics (time to first token, tokens/s)."""
         processed = self.processor.process_chat(messages)
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream_chat streams one sequence: use n=1")
         request_id = self._add(processed, params)
-        while True:
-            outputs = self.engine.get_output()
-            result = self.output_processor.process_outputs(outputs.outputs)
-            if result.reqs_to_abort:
-                self.engine.abort_requests(result.reqs_to_abort)
-            for out in result.request_outputs:
-                if out.request_id == request_id:
-                    if out.outputs[0].text_delta:
-                        yield out.outputs[0].text_delta
-                    if out.finished:
-                        return
+        finished = False
+        try:
+            while not finished:
+                outputs = self.engine.get_output()
+                result = self.output_processor.process_outputs(outputs.outputs)
+                if result.reqs_to_abort:
+                    self.engine.abort_requests(result.reqs_to_abort)
+                for out in result.request_outputs:
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:  # the caller stopped early (Ctrl-C): free the request
+                self.engine.abort_requests(self.output_processor.abort_request(request_id))
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -153,7 +168,9 @@ class LLM:
             return self.processor.process(prompt)
         if not isinstance(prompt, dict) or "prompt" not in prompt:
             raise PromptError("a prompt is a string or {'prompt': str, 'images': [...]}")
-        return self.processor.process(prompt["prompt"], prompt.get("images") or ())
+        return self.processor.process(
+            prompt["prompt"], prompt.get("images") or (), prompt.get("image_details")
+        )
 
     @staticmethod
     def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None,

@@ -4,6 +4,10 @@ Each ``<image>`` marker in the prompt becomes exactly as many placeholder ids as
 produces for that image (``ModelConfig.num_image_tokens``: the one count shared with the
 scheduler and the model), and each image gets a content hash so identical pixels share encoder
 output and prefix-cache blocks whatever their source.
+
+An image's OpenAI ``detail`` picks how LLaVA-NeXT sees it: "low" is the base tile alone (the
+whole image as one tile, as LLaVA 1.5 sees every image), "auto" and "high" the full anyres
+grid. A low-detail image gets its own hash, since it encodes to different embeddings.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from caldera.engine.chat_template import ChatTemplate
+from caldera.engine.chat_template import IMAGE_DETAILS, ChatTemplate
 from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig
 from caldera.engine.media import image_content_hash, load_image
 from caldera.engine.tokenizer import Tokenizer
@@ -44,20 +48,26 @@ class InputProcessor:
         *,
         chat_template: str | None = None,
         allowed_local_media_paths: Sequence[str] = (),
+        allow_private_media_urls: bool = False,
     ) -> None:
         self.config = config
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         self.chat_template = ChatTemplate.from_model_dir(model_dir, chat_template)
         self.image_processor = ImageProcessor(ImageProcessorConfig.from_model_dir(model_dir))
         self.allowed_local_media_paths = tuple(allowed_local_media_paths)
+        self.allow_private_media_urls = allow_private_media_urls
         self.image_token_id = config.image_token_index
 
     # ---- entry points -------------------------------------------------------------------
 
-    def process(self, prompt: str, images: Sequence[Any] = ()) -> ProcessedPrompt:
-        """A text prompt with one ``<image>`` per image (PIL images, paths, URLs, bytes)."""
+    def process(
+        self, prompt: str, images: Sequence[Any] = (), details: Sequence[str] | None = None
+    ) -> ProcessedPrompt:
+        """A text prompt with one ``<image>`` per image (PIL images, paths, URLs, bytes);
+        ``details``: one detail level per image (see :meth:`process_loaded`)."""
+        self._check_details(details, len(images))
         pil_images = [self.load(source) for source in images]
-        return self.process_loaded(prompt, pil_images)
+        return self.process_loaded(prompt, pil_images, details)
 
     def process_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                      **template_kwargs: Any) -> ProcessedPrompt:
@@ -65,14 +75,23 @@ class InputProcessor:
         rendered = self.chat_template.render(
             messages, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
-        return self.process(rendered.text, rendered.image_sources)
+        return self.process(rendered.text, rendered.image_sources, rendered.image_details)
 
     def load(self, source: Any) -> Image.Image:
-        return load_image(source, allowed_local_paths=self.allowed_local_media_paths)
+        return load_image(source, allowed_local_paths=self.allowed_local_media_paths,
+                          allow_private=self.allow_private_media_urls)
 
     # ---- pieces -------------------------------------------------------------------------
 
-    def process_loaded(self, prompt: str, images: Sequence[Image.Image]) -> ProcessedPrompt:
+    def process_loaded(
+        self,
+        prompt: str,
+        images: Sequence[Image.Image],
+        details: Sequence[str] | None = None,
+    ) -> ProcessedPrompt:
+        """``details``: one of "auto", "low", "high" per image, in order (None: all "auto").
+        "low" gives a LLaVA-NeXT image its base tile only; LLaVA 1.5 ignores it."""
+        self._check_details(details, len(images))
         token_ids = self.tokenizer.encode(prompt)
         markers = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(markers) != len(images):
@@ -83,12 +102,16 @@ class InputProcessor:
         expanded: list[int] = []
         features: list[ImageFeature] = []
         previous = 0
-        for marker, image in zip(markers, images):
-            processed = self.image_processor.preprocess(image)
-            count = self.config.num_image_tokens(processed.image_size)
+        for index, (marker, image) in enumerate(zip(markers, images)):
+            base_only = self.config.is_next and details is not None and details[index] == "low"
+            processed = self.image_processor.preprocess(image, base_only=base_only)
+            count = self.config.num_image_tokens(processed.image_size, processed.base_only)
+            identifier = image_content_hash(image)
+            if processed.base_only:  # other embeddings than the same pixels at full detail
+                identifier += ":base"
             expanded.extend(token_ids[previous:marker])
             features.append(ImageFeature(
-                identifier=image_content_hash(image),
+                identifier=identifier,
                 offset=len(expanded),
                 length=count,
                 data=processed,
@@ -97,3 +120,19 @@ class InputProcessor:
             previous = marker + 1
         expanded.extend(token_ids[previous:])
         return ProcessedPrompt(prompt=prompt, token_ids=expanded, images=features)
+
+    @staticmethod
+    def _check_details(details: Sequence[str] | None, num_images: int) -> None:
+        if details is None:
+            return
+        if isinstance(details, str) or len(details) != num_images:
+            raise PromptError(
+                f"image details must be a list with one entry per image ({num_images}); got "
+                f"{details!r}"
+            )
+        for detail in details:
+            if detail not in IMAGE_DETAILS:
+                raise PromptError(
+                    f"image detail {detail!r} is not accepted; use one of "
+                    f"{', '.join(map(repr, IMAGE_DETAILS))}"
+                )

@@ -8,12 +8,15 @@ tokenizer (see caldera.engine.demo_checkpoints). Shapes: "llava-1.5", "llava-nex
     def test_b(next_mistral_dir):            # one shape
     def test_c(tiny_checkpoint):             # factory, also for variants
         path = tiny_checkpoint("llava-1.5", layout="v5", num_shards=2)
+    def test_d(ray_runtime):                 # the session's local Ray runtime (2 CPUs)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +63,20 @@ def next_mistral_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def next_vicuna_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
     return tiny_checkpoint("llava-next-vicuna")
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Iterator[Any]:
+    """One local Ray runtime for the whole session: 2 CPUs (two CPU worker actors), a small
+    object store, no dashboard. ``RAY_ADDRESS`` points at it, so engine processes started by a
+    test join it rather than starting their own. Yields the ``ray`` module."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield ray
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
+    ray.shutdown()

@@ -40,6 +40,7 @@ def test_wheel_contains_and_imports_every_module(tmp_path):
         assert as_file in names or as_package in names, f"{module} is missing from the wheel"
     assert "caldera/engine/templates/mistral.jinja" in names
     assert "caldera/kernels/csrc/cpu_attention.cpp" in names
+    assert {"caldera/api/static/index.html", "caldera/api/static/js/app.js"} <= names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",

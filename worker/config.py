@@ -88,14 +88,16 @@ class ModelConfig:
     def is_next(self) -> bool:
         return self.architecture == "LlavaNextForConditionalGeneration"
 
-    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
-        """Placeholder tokens for an image of original (height, width)."""
+    def num_image_tokens(self, image_size: tuple[int, int], base_only: bool = False) -> int:
+        """Placeholder tokens for an image of original (height, width); ``base_only``: just
+        the base tile of a LLaVA-NeXT image (low detail)."""
         return num_image_tokens(
             image_size,
             tile_size=self.vision.image_size,
             patch_size=self.vision.patch_size,
             image_grid_pinpoints=self.image_grid_pinpoints,
             keep_cls=self.vision_feature_select_strategy == "full",
+            base_only=base_only,
         )
 
     @classmethod

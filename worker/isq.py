@@ -171,19 +171,29 @@ def _row_chunks(weight: torch.Tensor, width: int):
 
 
 @torch.no_grad()
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    weight: torch.Tensor, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 of ``weight [N, K]``.
 
     Returns ``qweight [N, K] int8`` (-127..127) and ``scales [N]`` in the weight's dtype, with
     ``weight ~ qweight * scales[:, None]``, each element within half a scale step.
+    ``reduce_max``, for a weight holding a slice of the input features (a row-parallel shard),
+    turns the slice's per-row absolute maxima into the whole rows' (a max over the ranks), so
+    the scales are those of the unsplit weight.
     """
     assert weight.dim() == 2, f"weight must be [N, K], got {tuple(weight.shape)}"
     qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    amax = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start, stop in _row_chunks(weight, weight.shape[1]):
+        amax[start:stop] = weight[start:stop].float().abs().amax(dim=1)
+    if reduce_max is not None:
+        amax = reduce_max(amax)
     for start, stop in _row_chunks(weight, weight.shape[1]):
         rows = weight[start:stop].float()
-        amax = rows.abs().amax(dim=1)
-        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        row_amax = amax[start:stop]
+        scale = torch.where(row_amax > 0, row_amax / 127, torch.ones_like(row_amax))
         scale = scale.to(weight.dtype).float()  # quantize against the scale as stored
         qweight[start:stop] = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         scales[start:stop] = scale.to(weight.dtype)
@@ -251,7 +261,12 @@ class Int8Linear(nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Int8Linear:
+        """``reduce_max``: see ``quantize_int8`` (for a shard of the input features)."""
         weight = linear.weight.detach()
         module = cls(
             linear.in_features,
@@ -260,7 +275,7 @@ class Int8Linear(nn.Module):
             dtype=weight.dtype,
             device="meta",  # no placeholder storage: peak memory stays at the quantized size
         )
-        module.qweight, module.scales = quantize_int8(weight)
+        module.qweight, module.scales = quantize_int8(weight, reduce_max)
         module.bias = None if linear.bias is None else linear.bias.detach()
         return module
 
@@ -343,18 +358,36 @@ def should_quantize(name: str, spec: IsqSpec) -> bool:
     return True
 
 
-def quantize_linear(linear: nn.Linear, spec: IsqSpec) -> nn.Module:
+def quantize_linear(
+    linear: nn.Linear,
+    spec: IsqSpec,
+    reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> nn.Module:
+    """The quantized replacement of ``linear``. ``reduce_max`` marks a linear that holds a
+    slice of its layer's input features (a row-parallel shard): int8 scales then span the whole
+    rows, and int4 groups must not straddle slices (ValueError otherwise)."""
     if spec.bits == 8:
-        return Int8Linear.from_linear(linear)
+        return Int8Linear.from_linear(linear, reduce_max)
+    if reduce_max is not None and linear.in_features % spec.group_size:
+        raise ValueError(
+            f"int4 ISQ groups of {spec.group_size} straddle the {linear.in_features} input "
+            f"features of a tensor-parallel shard; choose an isq_group_size that divides "
+            f"{linear.in_features}"
+        )
     return Int4Linear.from_linear(linear, spec.group_size)
 
 
-def make_linear_transform(spec: IsqSpec | None) -> Callable[[str, nn.Linear], nn.Module]:
-    """``transform(name, linear)``: the quantized replacement, or ``linear`` itself when the
-    name is not quantized (or ``spec`` is None). Only plain ``nn.Linear`` is converted: a
-    subclass (a tensor-parallel layer, say) has its own forward and is returned unchanged."""
+def make_linear_transform(spec: IsqSpec | None) -> Callable[..., nn.Module]:
+    """``transform(name, linear, reduce_max=None)``: the quantized replacement, or ``linear``
+    itself when the name is not quantized (or ``spec`` is None). Only plain ``nn.Linear`` is
+    converted: a subclass has its own forward and is returned unchanged. A tensor-parallel
+    layer passes its shard with ``reduce_max`` (see ``quantize_linear``)."""
 
-    def transform(name: str, linear: nn.Linear) -> nn.Module:
+    def transform(
+        name: str,
+        linear: nn.Linear,
+        reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> nn.Module:
         if spec is None or not should_quantize(name, spec):
             return linear
         if type(linear) is not nn.Linear:
@@ -362,7 +395,7 @@ def make_linear_transform(spec: IsqSpec | None) -> Callable[[str, nn.Linear], nn
                 "ISQ leaves %s in float: %s is not a plain nn.Linear", name, type(linear).__name__
             )
             return linear
-        return quantize_linear(linear, spec)
+        return quantize_linear(linear, spec, reduce_max)
 
     return transform
 

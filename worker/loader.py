@@ -1,9 +1,13 @@
 """Weights: find the checkpoint, build the model without allocating it, load tensor by tensor.
 
-The model is built on the meta device; each checkpoint tensor is then materialised straight
-into its parameter in the target dtype and device. A module is handed to ``linear_transform``
-(ISQ's quantizer, for instance) the moment all its weights have arrived, so a quantized model
-never holds more than one full-precision layer at a time.
+The model is built on the meta device, then handed to ``model_transform`` (tensor
+parallelism swaps in its sharded layers there); each checkpoint tensor is then materialised
+straight into its parameter in the target dtype and device. A module that defines
+``load_weight(name, view, dtype, device)`` (a sharded layer) reads what it needs from a lazy
+safetensors slice instead, so a rank reads only its share of the file. A linear is handed to
+``linear_transform`` (ISQ's quantizer, for instance) the moment all its weights have arrived, so
+a quantized model never holds more than one full-precision layer at a time; a sharded layer
+applies it to its shard through ``transform_linear(name, transform)``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -24,7 +29,8 @@ from caldera.worker.models.llava import LlavaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
-LinearTransform = Callable[[str, nn.Linear], nn.Module]
+LinearTransform = Callable[..., nn.Module]  # (name, linear, **shard info) -> module
+ModelTransform = Callable[[nn.Module], None]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -108,10 +114,17 @@ def canonical_name(key: str) -> str:
 
 
 def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, view in iter_checkpoint_slices(model_dir):
+        yield name, view[:]
+
+
+def iter_checkpoint_slices(model_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(parameter name, lazy slice) of every checkpoint tensor; indexing a slice reads only
+    the indexed part."""
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield canonical_name(key), f.get_tensor(key)
+                yield canonical_name(key), f.get_slice(key)
 
 
 def _count_tensors(model_dir: Path) -> int:
@@ -129,41 +142,49 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     linear_transform: LinearTransform | None = None,
+    model_transform: ModelTransform | None = None,
     progress: bool = True,
 ) -> LlavaForConditionalGeneration:
     """Builds the model and loads the checkpoint into it; every parameter must be filled."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
+    if model_transform is not None:
+        model_transform(model)
     model.eval().requires_grad_(False)
     params = dict(model.named_parameters(remove_duplicate=False))
-    pending = _pending_by_module(model)
+    sharded = {name: m for name, m in model.named_modules() if hasattr(m, "load_weight")}
+    pending = _pending_by_module(model, sharded)
     bar = tqdm(total=_count_tensors(model_dir), desc="loading weights", unit="tensor",
                disable=not progress or os.environ.get("CALDERA_NO_PROGRESS") == "1")
-    for name, tensor in iter_checkpoint(model_dir):
+    for name, view in iter_checkpoint_slices(model_dir):
         bar.update(1)
-        if name not in params:
-            if name.endswith("rotary_emb.inv_freq") or name.startswith("vision_tower.vision_model.head"):
-                continue
+        module_name, _, attr = name.rpartition(".")
+        if module_name in sharded and attr in pending.get(module_name, ()):
+            sharded[module_name].load_weight(attr, view, dtype, device)
+        elif name in params:
+            _materialise(model, name, params[name], view[:], dtype, device)
+        elif name.endswith("rotary_emb.inv_freq") or name.startswith("vision_tower.vision_model.head"):
+            continue
+        else:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {config.architecture}")
-        _materialise(model, name, params[name], tensor, dtype, device)
-        module_name = name.rpartition(".")[0]
         waiting = pending.get(module_name)
         if waiting is not None:
-            waiting.discard(name.rpartition(".")[2])
+            waiting.discard(attr)
             if not waiting and linear_transform is not None:
-                _swap(model, module_name, linear_transform)
+                _transform(model, module_name, linear_transform)
     bar.close()
     _tie_and_check(model, config)
     return model
 
 
-def _pending_by_module(model: nn.Module) -> dict[str, set[str]]:
-    """Linear modules -> names of the parameters still to load."""
-    return {
-        name: {p for p, _ in module.named_parameters(recurse=False)}
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    }
+def _pending_by_module(model: nn.Module, sharded: dict[str, nn.Module]) -> dict[str, set[str]]:
+    """Linear and sharded modules -> names of the weights still to load (a sharded module's
+    own linear is loaded through it)."""
+    pending = {name: set(module.weight_names()) for name, module in sharded.items()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[0] not in sharded:
+            pending[name] = {p for p, _ in module.named_parameters(recurse=False)}
+    return pending
 
 
 def _materialise(model: nn.Module, name: str, param: nn.Parameter, tensor: torch.Tensor,
@@ -179,8 +200,13 @@ def _materialise(model: nn.Module, name: str, param: nn.Parameter, tensor: torch
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
-def _swap(model: nn.Module, module_name: str, transform: LinearTransform) -> None:
+def _transform(model: nn.Module, module_name: str, transform: LinearTransform) -> None:
     module = model.get_submodule(module_name)
+    if hasattr(module, "transform_linear"):
+        module.transform_linear(module_name, transform)
+        return
+    if not isinstance(module, nn.Linear):
+        return
     replacement = transform(module_name, module)
     if replacement is not module:
         parent_name, _, child = module_name.rpartition(".")

@@ -10,6 +10,7 @@ requests whose computed tokens reach their end.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +32,11 @@ from caldera.worker.sampler import Sampler, SamplingMetadata
 logger = logging.getLogger(__name__)
 
 
-def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
+                             num_kv_heads: int | None = None) -> int:
+    """``num_kv_heads``: the KV heads this rank holds (default: all of the model's)."""
     text = config.text
-    per_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim
+    per_token = 2 * text.num_layers * (num_kv_heads or text.num_kv_heads) * text.head_dim
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
@@ -90,7 +93,12 @@ class ModelRunner:
         dtype: torch.dtype,
         eos_token_ids: list[int] | tuple[int, ...] = (),
         seed: int | None = None,
+        num_kv_heads: int | None = None,
+        samples: bool = True,
     ) -> None:
+        """``num_kv_heads``: the KV heads this rank holds (a tensor-parallel shard); ``samples``:
+        False on tensor-parallel ranks other than 0, which compute but leave sampling to rank
+        0 and learn its tokens through ``append_sampled``."""
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -99,8 +107,9 @@ class ModelRunner:
         self.dtype = dtype
         self.eos_token_ids = list(eos_token_ids)
         self.vocab_size = config.text.vocab_size
+        self.samples = samples
         text = config.text
-        shape = (num_blocks, block_size, text.num_kv_heads, text.head_dim)
+        shape = (num_blocks, block_size, num_kv_heads or text.num_kv_heads, text.head_dim)
         self.kv_caches = [(self._zeros(shape), self._zeros(shape)) for _ in range(text.num_layers)]
         self.requests: dict[str, RequestState] = {}
         self.encoder_cache: dict[str, torch.Tensor] = {}
@@ -171,10 +180,7 @@ class ModelRunner:
             count = image.data.pixel_values.shape[0]
             own = tiles[start: start + count]
             start += count
-            if self.config.is_next:
-                embeds = self.model.pack_anyres(own, tuple(image.data.image_size))
-            else:
-                embeds = own.reshape(-1, own.shape[-1])
+            embeds = self.model.pack_image(own, tuple(image.data.image_size), image.data.base_only)
             if embeds.shape[0] != image.length:
                 raise RuntimeError(
                     f"image {image.identifier[:12]} encodes to {embeds.shape[0]} embeddings but "
@@ -240,12 +246,27 @@ class ModelRunner:
 
     # ---- the step -----------------------------------------------------------------------
 
+    def append_sampled(self, req_ids: list[str], sampled_token_ids: list[list[int]]) -> None:
+        """Appends tokens sampled elsewhere (by tensor-parallel rank 0) to known requests."""
+        for req_id, tokens in zip(req_ids, sampled_token_ids):
+            state = self.requests.get(req_id)
+            if state is not None and tokens:
+                state.output_token_ids.extend(tokens)
+
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
+        """One step. None when this runner does not sample (tensor-parallel ranks past 0);
+        such a rank still computes every logit row rank 0 gathers."""
         self.update_states(out)
         if not out.num_scheduled_tokens:
-            return ModelRunnerOutput([], [], [], [])
-        self.run_encoders(out)
+            return ModelRunnerOutput([], [], [], []) if self.samples else None
+        encoder_start = time.perf_counter()
+        if out.scheduled_encoder_inputs:
+            self.run_encoders(out)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # so the time is the encoder's own
+        encoder_seconds = time.perf_counter() - encoder_start if out.scheduled_encoder_inputs \
+            else 0.0
         inputs = self.prepare_inputs(out)
         hidden = self.forward(inputs)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
@@ -254,6 +275,8 @@ class ModelRunner:
         if inputs.sample_rows:
             states = [self.requests[inputs.req_ids[i]] for i in inputs.sample_req_indices]
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            if not self.samples:
+                return None
             result = self.sampler(logits, self._sampling_metadata(states))
             for i, state, token, lp in zip(
                 inputs.sample_req_indices, states, result.token_ids, result.logprobs
@@ -261,7 +284,10 @@ class ModelRunner:
                 state.output_token_ids.append(token)
                 sampled[i] = [token]
                 logprobs[i] = [lp] if lp is not None else None
-        return ModelRunnerOutput(inputs.req_ids, sampled, logprobs, prompt_logprobs)
+        if not self.samples:
+            return None
+        return ModelRunnerOutput(inputs.req_ids, sampled, logprobs, prompt_logprobs,
+                                 encoder_seconds)
 
     def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
         suppress = []
@@ -300,8 +326,10 @@ class ModelRunner:
                 last = min(start + n, prompt_len - 1)
                 rows = [row + p - start for p in range(first, last)]
                 targets = state.prompt_token_ids[first + 1: last + 1]
-                results[i] = _logprobs_of(self.model.compute_logits(hidden[rows]).float(),
-                                          targets, top_n) if rows else []
+                # None on tensor-parallel ranks past 0, which only lend their logit shards.
+                logits = self.model.compute_logits(hidden[rows]) if rows else None
+                results[i] = _logprobs_of(logits.float(), targets, top_n) \
+                    if logits is not None else []
                 state.prompt_logprobs_reported = max(state.prompt_logprobs_reported, last + 1)
             row += n
         return results

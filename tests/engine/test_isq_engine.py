@@ -23,14 +23,14 @@ def unquantized(llava15_dir):
                                             ("Q4K", Int4Linear)])
 def test_isq_engine_runs(llava15_dir, unquantized, isq, layer):
     llm = LLM(str(llava15_dir), max_model_len=2048, kv_cache_memory="16MiB", isq=isq)
-    model = llm.engine.core.worker.model
+    model = llm.engine.core.executor.worker.model
     layers = model.language_model.model.layers
     assert isinstance(layers[0].self_attn.q_proj, layer)
     assert isinstance(layers[0].mlp.down_proj, layer)
     # the vision tower stays in the model dtype (on CPU, packed for oneDNN)
     assert isinstance(model.vision_tower.vision_model.encoder.layers[0].mlp.fc1,
                       (torch.nn.Linear, PackedLinear))
-    assert model_bytes(model) < model_bytes(unquantized.engine.core.worker.model)
+    assert model_bytes(model) < model_bytes(unquantized.engine.core.executor.worker.model)
 
     prompt = {"prompt": "USER: <image>\nWhat is this? ASSISTANT:", "images": [make_image(90, 120)]}
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)

@@ -116,9 +116,10 @@ def test_bytes_data_url_and_raw_base64():
 
 
 def test_http_url_sync_and_async(server):
-    assert _same_pixels(load_image(f"{server}/image.png"), IMAGE)
-    assert _same_pixels(load_image(f"{server}/redirect"), IMAGE)
-    loaded = asyncio.run(load_image_async(f"{server}/image.jpg"))
+    # The test server is on loopback, which only an operator's opt-in reaches.
+    assert _same_pixels(load_image(f"{server}/image.png", allow_private=True), IMAGE)
+    assert _same_pixels(load_image(f"{server}/redirect", allow_private=True), IMAGE)
+    loaded = asyncio.run(load_image_async(f"{server}/image.jpg", allow_private=True))
     assert loaded.format == "JPEG" and loaded.size == (32, 24)
 
 
@@ -190,10 +191,14 @@ def test_byte_limits_are_enforced_before_decoding(server, tmp_path):
         allowed_local_paths=[str(tmp_path)],
         max_bytes=small,
     )
-    _refused("larger than the limit", f"{server}/large", max_bytes=1000)
-    _refused("larger than the limit", f"{server}/large-unsized", max_bytes=1000)
+    _refused("larger than the limit", f"{server}/large", max_bytes=1000, allow_private=True)
+    _refused(
+        "larger than the limit", f"{server}/large-unsized", max_bytes=1000, allow_private=True
+    )
     with pytest.raises(MediaError, match="larger than the limit"):
-        asyncio.run(load_image_async(f"{server}/large-unsized", max_bytes=1000))
+        asyncio.run(
+            load_image_async(f"{server}/large-unsized", max_bytes=1000, allow_private=True)
+        )
 
 
 def test_pixel_limit_refuses_decompression_bombs_before_decoding():
@@ -206,14 +211,14 @@ def test_pixel_limit_refuses_decompression_bombs_before_decoding():
 
 
 def test_http_errors(server):
-    _refused("returned HTTP 404", f"{server}/missing.png")
-    _refused("timed out after 0.5 s", f"{server}/slow", timeout=0.5)
+    _refused("returned HTTP 404", f"{server}/missing.png", allow_private=True)
+    _refused("timed out after 0.5 s", f"{server}/slow", timeout=0.5, allow_private=True)
     with pytest.raises(MediaError, match="timed out"):
-        asyncio.run(load_image_async(f"{server}/slow", timeout=0.5))
+        asyncio.run(load_image_async(f"{server}/slow", timeout=0.5, allow_private=True))
     with pytest.raises(MediaError, match="returned HTTP 404"):
-        asyncio.run(load_image_async(f"{server}/missing.png"))
-    _refused("not a valid", f"{server}/text")
-    _refused("could not fetch image URL", "http://127.0.0.1:1/image.png")
+        asyncio.run(load_image_async(f"{server}/missing.png", allow_private=True))
+    _refused("not a valid", f"{server}/text", allow_private=True)
+    _refused("could not fetch image URL", "http://127.0.0.1:1/image.png", allow_private=True)
     _refused("could not fetch image URL", "http://")
     with pytest.raises(MediaError, match="could not fetch image URL"):
         asyncio.run(load_image_async("https://[::1"))

@@ -11,6 +11,9 @@ LLaVA-NeXT ("anyres"): the image is fitted into the best resolution of
     original aspect ratio                      (grid_h * side) x (grid_w * side) features is
                                                cropped back to the image's aspect ratio
     one image_newline per stitched row         rows
+
+A LLaVA-NeXT image asked for at low detail (``base_only``) is just the base tile, as one
+LLaVA 1.5 image is: no grid, no image_newline.
 """
 
 from __future__ import annotations
@@ -68,15 +71,17 @@ def num_image_tokens(
     patch_size: int,
     image_grid_pinpoints: Sequence[Sequence[int]] | None,
     keep_cls: bool = False,
+    base_only: bool = False,
 ) -> int:
     """Number of ``<image>`` tokens for an image of (height, width).
 
     ``image_grid_pinpoints`` None means LLaVA 1.5 (one tile); ``keep_cls`` is the "full"
-    feature-select strategy, which keeps the CLS feature of each tile.
+    feature-select strategy, which keeps the CLS feature of each tile; ``base_only`` counts
+    only the base tile of an anyres image (low detail).
     """
     side = tile_size // patch_size
     per_tile = side * side + (1 if keep_cls else 0)
-    if image_grid_pinpoints is None:
+    if image_grid_pinpoints is None or base_only:
         return per_tile
     rows, cols = anyres_grid_shape(image_size, image_grid_pinpoints, tile_size)
     top, bottom, left, right = unpadded_features_shape(image_size, rows * side, cols * side)

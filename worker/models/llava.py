@@ -2,8 +2,8 @@
 
 The runner calls three things per step:
 
-- ``encode_image(pixel_values, image_size)``: the embeddings that fill one image's placeholder
-  tokens, ``[num_image_tokens(image_size), hidden]``;
+- ``encode_image(pixel_values, image_size, base_only)``: the embeddings that fill one image's
+  placeholder tokens, ``[num_image_tokens(image_size, base_only), hidden]``;
 - ``forward(input_ids, positions, image_embeds, image_mask, kv_caches, meta)``: hidden states
   of the step's tokens, image embeddings written at the placeholder rows;
 - ``compute_logits(hidden)``.
@@ -61,11 +61,22 @@ class LlavaForConditionalGeneration(nn.Module):
             features = features[:, 1:]
         return self.multi_modal_projector(features)
 
-    def encode_image(self, pixel_values: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def encode_image(
+        self, pixel_values: torch.Tensor, image_size: tuple[int, int], base_only: bool = False
+    ) -> torch.Tensor:
         """One image's placeholder embeddings, ``[num_image_tokens, hidden]``."""
-        tiles = self.encode_tiles(pixel_values)
+        return self.pack_image(self.encode_tiles(pixel_values), image_size, base_only)
+
+    def pack_image(
+        self, tiles: torch.Tensor, image_size: tuple[int, int], base_only: bool = False
+    ) -> torch.Tensor:
+        """One image's encoded tiles ``[N, features per tile, hidden]`` -> its placeholder
+        embeddings. LLaVA 1.5, or a LLaVA-NeXT image at low detail (``base_only``, its base
+        tile alone): the tile's features as they are; else :meth:`pack_anyres`."""
         if not self.config.is_next:
             return tiles.reshape(-1, tiles.shape[-1])
+        if base_only:
+            return tiles[0]
         return self.pack_anyres(tiles, image_size)
 
     def pack_anyres(self, tiles: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""What one decode step costs with tensor parallelism over Ray on CPU, split into compute,
+collectives and Ray overhead, beside the in-process executor on the same requests.
+
+    python -m caldera.benchmarks.tp_step_overhead [--batch 8] [--steps 64] [--threads 1]
+
+Both engines decode the same batch of greedy requests on the bench model shape. Per step:
+
+- TP=1, in-process: the executor call is all compute.
+- TP=2, two Ray actors over gloo: the driver times its executor call; each rank times its own
+  step and the collectives inside it. Ray overhead = driver time - the slowest rank's step
+  (sending the step to the ranks through the compiled graph, and rank 0's tokens back).
+
+A second table times the transport alone (two echo actors, no model) for the same scheduler
+output: one write into a compiled graph, versus ``ray.put`` and one actor call per rank.
+Medians over the timed steps; ranks run one torch thread each (``--threads`` sets TP=1's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from caldera.engine.config import EngineConfig
+from caldera.engine.core import EngineCore
+from caldera.engine.demo_checkpoints import BENCH_SIZES, build_tiny_checkpoint
+from caldera.engine.messages import EngineCoreRequest
+from caldera.scheduler.output import SamplingParams, SchedulerOutput
+
+
+def _requests(batch: int, prompt_len: int) -> list[EngineCoreRequest]:
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
+    return [EngineCoreRequest(f"r{i}", torch.randint(3, 32000, (prompt_len,),
+                                                      generator=generator).tolist(), params)
+            for i in range(batch)]
+
+
+def run_engine(model_dir: Path, tp: int, args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per decode step: executor call, and for TP > 1 the ranks' split."""
+    core = EngineCore(EngineConfig(model=str(model_dir), tensor_parallel_size=tp,
+                                   max_model_len=1024, kv_cache_memory="256MiB",
+                                   max_num_seqs=args.batch))
+    for request in _requests(args.batch, args.prompt_len):
+        core.add_request(request)
+    ray_executor = tp > 1
+    calls, slowest, collectives = [], [], []
+    try:
+        for step in range(args.warmup + args.steps):
+            out = core.scheduler.schedule()
+            start = time.perf_counter()
+            runner_output = core.executor.execute_model(out)
+            elapsed = time.perf_counter() - start
+            core.scheduler.update_from_output(out, runner_output)
+            times = core.executor.take_step_times() if ray_executor else None
+            if step < args.warmup or out.scheduled_new_reqs:
+                continue  # prefill steps and warm-up
+            calls.append(elapsed)
+            if times is not None:
+                slowest.append(max(t.step_seconds for t in times))
+                collectives.append(max(t.collective_seconds for t in times))
+        result = {"call": statistics.median(calls)}
+        if ray_executor:
+            result["rank"] = statistics.median(slowest)
+            result["collectives"] = statistics.median(collectives)
+            result["overhead"] = statistics.median(c - s for c, s in zip(calls, slowest))
+        return result
+    finally:
+        core.shutdown()
+
+
+@ray.remote(num_cpus=1)
+class _Echo:
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def step(self, step: tuple) -> int | None:
+        return len(step[0].num_scheduled_tokens) if self.rank == 0 else None
+
+
+def run_transport(scheduler_output: SchedulerOutput, rounds: int) -> dict[str, float]:
+    """Median round trip of one step's input to two echo actors and back."""
+    from ray.dag import InputNode, MultiOutputNode
+
+    actors = [_Echo.remote(rank) for rank in range(2)]
+    ray.get([a.step.remote((scheduler_output, None)) for a in actors])
+    step = (scheduler_output, None)
+    plain = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        ref = ray.put(step)
+        ray.get([a.step.remote(ref) for a in actors])
+        plain.append(time.perf_counter() - start)
+    with InputNode() as node:
+        graph = MultiOutputNode([a.step.bind(node) for a in actors]).experimental_compile()
+    compiled = []
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            ray.get(graph.execute(step))
+            compiled.append(time.perf_counter() - start)
+    finally:
+        graph.teardown()
+        for actor in actors:
+            ray.kill(actor)
+    return {"plain": statistics.median(plain), "compiled": statistics.median(compiled)}
+
+
+def _decode_step(model_dir: Path, args: argparse.Namespace) -> SchedulerOutput:
+    """A decode step's scheduler output for the batch (from a scheduler alone, no model)."""
+    core_config = EngineConfig(model=str(model_dir), max_model_len=1024,
+                               kv_cache_memory="256MiB", max_num_seqs=args.batch)
+    core = EngineCore(core_config)
+    try:
+        for request in _requests(args.batch, args.prompt_len):
+            core.add_request(request)
+        core.step()
+        return core.scheduler.schedule()
+    finally:
+        core.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="requests decoding together")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of TP=1")
+    parser.add_argument("--model-dir", type=Path)
+    args = parser.parse_args()
+    model_dir = args.model_dir
+    if model_dir is None or not (model_dir / "config.json").exists():
+        model_dir = model_dir or Path(tempfile.mkdtemp(prefix="caldera-bench-"))
+        build_tiny_checkpoint("llava-1.5", model_dir, **BENCH_SIZES)
+    torch.set_num_threads(args.threads)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+    try:
+        tp1 = run_engine(model_dir, 1, args)
+        tp2 = run_engine(model_dir, 2, args)
+        transport = run_transport(_decode_step(model_dir, args), args.steps)
+    finally:
+        ray.shutdown()
+
+    ms = 1e3
+    print(f"decode steps of {args.batch} requests, bench shape ({BENCH_SIZES['hidden_size']}"
+          f"-wide, {BENCH_SIZES['num_layers']} layers), float32 on CPU, median of "
+          f"{args.steps} steps, ms per step")
+    print(f"{'executor':<26}{'step':>8}{'rank compute':>14}{'collectives':>13}"
+          f"{'Ray overhead':>14}")
+    print(f"{'in-process, TP=1':<26}{tp1['call'] * ms:>8.2f}{tp1['call'] * ms:>14.2f}"
+          f"{0.0:>13.2f}{0.0:>14.2f}")
+    compute = tp2["rank"] - tp2["collectives"]
+    print(f"{'Ray compiled graph, TP=2':<26}{tp2['call'] * ms:>8.2f}{compute * ms:>14.2f}"
+          f"{tp2['collectives'] * ms:>13.2f}{tp2['overhead'] * ms:>14.2f}")
+    print(f"transport only (2 echo actors, this step's scheduler output): compiled graph "
+          f"{transport['compiled'] * ms:.2f} ms, ray.put + one call per rank "
+          f"{transport['plain'] * ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
