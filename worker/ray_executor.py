@@ -126,12 +126,10 @@ class RayWorker:
             if previous is not None and self.rank > 0:
                 self.worker.append_sampled(*previous)
             output = self.worker.execute_model(scheduler_output)
-        except Exception:
-            # The other ranks may be waiting in a collective for this one: leaving the group
-            # closes its connections, so they fail now rather than at the collective timeout.
+        except Exception as exc:  # the driver stops every rank (some wait in a collective)
             logger.exception("rank %d failed a step", self.rank)
-            self.worker.shutdown()
-            raise
+            raise WorkerError(f"{self.info().describe()} failed a step: "
+                              f"{_describe(exc)}") from exc
         self.times.steps += 1
         self.times.step_seconds += time.perf_counter() - start
         self.times.collective_seconds += self.worker.group.collective_seconds - collectives
@@ -266,9 +264,10 @@ class RayExecutor(Executor):
         dead = self._dead_ranks()
         if dead:
             return dead
-        pid = getattr(exc, "pid", None)
-        who = next((r.describe() for r in self.ranks if r.pid == pid), "rank ?")
-        return f"tensor-parallel {who} failed a step: {_describe(_cause(exc))}"
+        cause = _cause(exc)
+        if isinstance(cause, WorkerError):  # raised by the rank, which names itself
+            return f"tensor-parallel {cause}"
+        return f"a tensor-parallel step failed: {_describe(cause)}"
 
     def _dead_ranks(self) -> str | None:
         refs = [w.ping.remote() for w in self.workers]
@@ -294,9 +293,13 @@ class RayExecutor(Executor):
                 return
 
     def _fail(self, message: str) -> WorkerError:
+        """Records the first failure and stops every rank: the engine cannot go on, and a
+        rank left waiting in a collective for a failed peer would never return."""
         if self._failure is None:
             self._failure = message
             logger.error("%s", message)
+            for worker in self.workers:
+                ray.kill(worker)
         return WorkerError(self._failure)
 
     def take_step_times(self) -> list[StepTimes]:

@@ -43,8 +43,8 @@ HF_IMAGE_CONVERSATION = [{"role": "user", "content": [
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    return demo_checkpoint("llava-smollm2", cache_dir=tmp_path_factory.mktemp("caldera-cache"))
+def smollm2_dir(demo_cache):
+    return demo_checkpoint("llava-smollm2", cache_dir=demo_cache)
 
 
 @pytest.fixture(scope="module")

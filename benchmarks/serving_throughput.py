@@ -1,0 +1,672 @@
+"""Serving throughput and latency: ``caldera serve`` through HTTP against the offline ``LLM``
+on the same chat requests, and the inter-token latency of text streams while image requests
+are being fetched and preprocessed.
+
+    python -m caldera.benchmarks.serving_throughput [--model-dir DIR] [--threads N]
+        [--num-requests 128] [--concurrency 64] [--itl-streams 32] [--image-clients 4]
+        [--json PATH]
+
+Throughput: a fixed-seed set of chat requests (every ``--image-every``-th with one image of
+224-1024 pixels a side, as a JPEG data URL or from a loopback image server; prompts of 16-256
+one-token words; outputs of 16-256 tokens forced with ``ignore_eos``, greedy) runs through
+``LLM.chat`` (one call, every request), then through ``caldera serve`` started as a subprocess
+on a free loopback port with the same engine options, sent by ``--concurrency`` streaming
+clients, each taking the next request when its last one ends. Both sides count the output
+tokens; reported: tokens/s of each, the ratio HTTP / offline (target >= 0.90), and the HTTP
+side's time to first token and inter-token latency (ITL, between arrivals of SSE chunks that
+carry text).
+
+Interference: ``--itl-streams`` text-only streams with long outputs run alone, then while
+``--image-clients`` clients (in a process of their own) keep sending 2000x1500 JPEG requests,
+half as data URLs and half from the image server, ``max_tokens`` 2; then alone again. Each run
+changes the first word of the text prompts, so no run reuses another's prefix cache. The
+image requests reuse ``--image-variants`` pictures, each sent once before the loaded run, so
+the engine's prefix cache serves their prefill and what they add is the server's fetching,
+decoding and preprocessing. Reported: p50 / p99 / max ITL of the text streams in each run and
+the ratio of the loaded run's p99 to the text-only runs' mean (target: no growth).
+
+Both sides compute with the same number of torch threads: ``--threads`` (default: torch's own
+choice here) is set in this process and passed to the server's processes as
+``OMP_NUM_THREADS``. The clients run in this process (and the image load in a child), on the
+same machine: their CPU time is part of what the HTTP side pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import gc
+import inspect
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from caldera.benchmarks.offline_throughput import (
+    PROMPT_TEMPLATES,
+    WorkloadBuilder,
+    ensure_checkpoint,
+    parse_range,
+    random_image,
+)
+from caldera.engine import LLM, SamplingParams
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+# ==== requests ===============================================================================
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    prompt_len: int  # tokens, image placeholders included
+
+    def body(self, stream: bool = True) -> bytes:
+        """The HTTP request body, encoded once before any clock starts."""
+        payload: dict[str, Any] = {
+            "model": "default", "messages": self.messages, "max_tokens": self.max_tokens,
+            "temperature": 0.0, "ignore_eos": True,
+        }
+        if stream:
+            payload |= {"stream": True, "stream_options": {"include_usage": True}}
+        return json.dumps(payload).encode()
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class ChatWorkloads:
+    """Seeded chat requests over one-token words; images are written as JPEG into the image
+    server's folder and named either there (URL) or inline (data URL), alternately."""
+
+    def __init__(self, model_dir: Path, shape: str, seed: int, image_dir: Path,
+                 image_url: str) -> None:
+        self.words = WorkloadBuilder(model_dir, shape, seed)
+        self.before, self.after = PROMPT_TEMPLATES[shape]
+        self.seed = seed
+        self.image_dir = image_dir
+        self.image_url = image_url
+        self._images = 0
+
+    def add_image(self, image: Image.Image, inline: bool) -> str:
+        """The image's URL: a data URL, or the image server's URL for a file written now."""
+        data = jpeg_bytes(image)
+        if inline:
+            return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+        name = f"image-{self._images}.jpg"
+        self._images += 1
+        (self.image_dir / name).write_bytes(data)
+        return f"{self.image_url}/{name}"
+
+    def request(self, text: str, image_url: str | None, image_size: tuple[int, int] | None,
+                max_tokens: int) -> ChatRequest:
+        content: list[dict[str, Any]] = []
+        prompt = text
+        if image_url is not None:
+            content.append({"type": "image_url", "image_url": {"url": image_url}})
+            prompt = "<image>\n" + text
+        content.append({"type": "text", "text": text})
+        length = len(self.words.tokenizer.encode(self.before + prompt + self.after))
+        if image_size is not None:
+            length += self.words.config.num_image_tokens(image_size) - 1
+        return ChatRequest([{"role": "user", "content": content}], max_tokens, length)
+
+    def build(self, name: str, count: int, prompt_len: tuple[int, int],
+              output_len: tuple[int, int], image_size: tuple[int, int] | None,
+              image_every: int) -> list[ChatRequest]:
+        """``count`` requests; every ``image_every``-th has one image (0: none)."""
+        rng = random.Random(f"{self.seed}-{name}")
+        pixels = np.random.default_rng(rng.randrange(2**32))
+        words = self.words.words
+        requests = []
+        for index in range(count):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(*prompt_len)))
+            url = size = None
+            if image_size is not None and image_every and index % image_every == 0:
+                size = (rng.randint(*image_size), rng.randint(*image_size))
+                inline = (index // image_every) % 2 == 0
+                url = self.add_image(random_image(pixels, *size), inline=inline)
+            requests.append(self.request(text, url, size, rng.randint(*output_len)))
+        return requests
+
+    def salted(self, requests: Sequence[ChatRequest], salt: int) -> list[ChatRequest]:
+        """The same text requests with their first word replaced (so a run does not hit the
+        prefix cache of another); lengths are unchanged, every word being one token."""
+        word = self.words.words[salt % len(self.words.words)]
+        out = []
+        for r in requests:
+            text = r.messages[0]["content"][-1]["text"]
+            text = " ".join([word, *text.split(" ")[1:]])
+            out.append(ChatRequest([{"role": "user", "content": [{"type": "text",
+                                                                  "text": text}]}],
+                                   r.max_tokens, r.prompt_len))
+        return out
+
+
+# ==== offline ================================================================================
+
+
+@dataclass
+class OfflineRun:
+    wall_s: float
+    output_tokens: int
+    texts: list[str]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def run_offline(model_dir: Path, requests: list[ChatRequest], warm: list[ChatRequest],
+                options: dict[str, Any]) -> OfflineRun:
+    """One timed ``LLM.chat`` over every request (images decoded and preprocessed inside it,
+    as the server does) after the warm-up requests."""
+    llm = LLM(str(model_dir), **options)
+    try:
+        llm.chat([r.messages for r in warm], _params(warm), use_tqdm=False)
+        gc.collect()
+        start = time.perf_counter()
+        outputs = llm.chat([r.messages for r in requests], _params(requests), use_tqdm=False)
+        wall = time.perf_counter() - start
+    finally:
+        llm.shutdown()
+    tokens = [len(o.outputs[0].token_ids) for o in outputs]
+    short = [i for i, (n, r) in enumerate(zip(tokens, requests)) if n != r.max_tokens]
+    if short:
+        raise RuntimeError(f"offline requests {short[:5]} did not produce their max_tokens")
+    return OfflineRun(wall, sum(tokens), [o.outputs[0].text for o in outputs])
+
+
+def _params(requests: Sequence[ChatRequest]) -> list[SamplingParams]:
+    return [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+            for r in requests]
+
+
+# ==== processes: the server and the image server =============================================
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s: {tail(log)}")
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def subprocess_at(cmd: list[str], health_url: str, log: Path, env: dict[str, str] | None = None,
+                  timeout: float = 600.0):
+    """Runs ``cmd`` until the block ends (SIGTERM, then SIGKILL after 60 s)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+    try:
+        wait_http(health_url, proc, log, timeout)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def server_command(model_dir: Path, port: int, options: dict[str, Any]) -> list[str]:
+    """``caldera serve`` with the offline side's engine options, as flags."""
+    cmd = [sys.executable, "-m", "caldera.api.cli", "--log-level", "WARNING", "serve",
+           "--model", str(model_dir), "--port", str(port), "--no-ui",
+           "--allow-private-media-urls", "--max-image-bytes", "64MiB"]
+    for name, value in options.items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    return cmd
+
+
+# ==== HTTP clients ===========================================================================
+
+
+@dataclass
+class StreamResult:
+    sent: float
+    chunk_times: list[float]  # arrivals of the SSE chunks that carry text
+    text: str
+    completion_tokens: int
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.sent
+
+    @property
+    def itls(self) -> list[float]:
+        return list(np.diff(self.chunk_times))
+
+
+async def stream_chat(client: httpx.AsyncClient, body: bytes) -> StreamResult:
+    """One streamed chat completion; chunks are timed as they arrive, before parsing."""
+    sent = time.perf_counter()
+    times: list[float] = []
+    parts: list[str] = []
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", content=body,
+                             headers=JSON_HEADERS) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        buffer = b""
+        async for data in response.aiter_raw():
+            now = time.perf_counter()
+            *events, buffer = (buffer + data).split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue
+                chunk = json.loads(event[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"error event: {chunk['error']}")
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        times.append(now)
+                        parts.append(choice["delta"]["content"])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    if not times:
+        raise RuntimeError("a stream ended without any text")
+    return StreamResult(sent, times, "".join(parts), tokens)
+
+
+def http_client(base_url: str, connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0),
+                             limits=httpx.Limits(max_connections=connections,
+                                                 max_keepalive_connections=connections))
+
+
+async def run_closed_loop(base_url: str, bodies: Sequence[bytes],
+                          concurrency: int) -> tuple[list[StreamResult], float]:
+    """``concurrency`` clients; each sends the next body when its last stream has ended."""
+    results: list[StreamResult | None] = [None] * len(bodies)
+    queue = iter(enumerate(bodies))
+    async with http_client(base_url, concurrency) as client:
+
+        async def client_loop() -> None:
+            for index, body in queue:  # one shared iterator: each takes the next request
+                results[index] = await stream_chat(client, body)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return [r for r in results if r is not None], wall
+
+
+def run_async(coro: Any) -> Any:
+    """Runs ``coro`` on uvloop when it is installed (cheaper per chunk), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+# ---- the image load, in its own process ------------------------------------------------------
+
+
+def _image_load_child(spec_path: str) -> None:
+    """Runs as ``python -c`` (stdlib and httpx only, so it starts in a moment): says "ready",
+    sends non-streamed image requests from the "go" line on stdin to the "stop" line, then
+    writes the latencies of the requests done to the spec's result file."""
+    import asyncio
+    import json
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    bodies = []
+    for path in spec["bodies"]:
+        with open(path, "rb") as f:
+            bodies.append(f.read())
+    clients = spec["clients"]
+    stop = threading.Event()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def loop(client: httpx.AsyncClient, index: int) -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            response = await client.post("/v1/chat/completions",
+                                         content=bodies[index % len(bodies)],
+                                         headers={"Content-Type": "application/json"})
+            if response.status_code != 200:
+                errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            latencies.append(time.perf_counter() - start)
+            index += clients
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=spec["base_url"], timeout=600.0,
+                                     limits=limits) as client:
+            print("ready", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)  # "go"
+            threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()),
+                             daemon=True).start()
+            await asyncio.gather(*(loop(client, k) for k in range(clients)))
+
+    asyncio.run(main())
+    with open(spec["result"], "w") as f:
+        json.dump({"latencies": latencies, "errors": errors}, f)
+
+
+@contextlib.contextmanager
+def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Path):
+    """Starts the image clients' process; yields (a function that starts the load, the
+    result dict). Leaving the block stops the load, waits for the requests in flight and
+    fills in ``latencies`` (s) and ``wall_s`` (from start to stop)."""
+    paths = []
+    for index, body in enumerate(bodies):
+        path = workdir / f"image-body-{index}.json"
+        path.write_bytes(body)
+        paths.append(str(path))
+    spec = {"base_url": base_url, "bodies": paths, "clients": clients,
+            "result": str(workdir / "image-load.json")}
+    spec_path = workdir / "image-load-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    script = (inspect.getsource(_image_load_child)
+              + "\n\nimport sys\n_image_load_child(sys.argv[1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(spec_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    result: dict[str, Any] = {"wall_s": 0.0}
+    started: list[float] = []
+
+    def start() -> None:
+        started.append(time.perf_counter())
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the image load process did not start")
+        yield start, result
+    finally:
+        if started:
+            result["wall_s"] = time.perf_counter() - started[0]
+        with contextlib.suppress(OSError):
+            proc.stdin.write("go\nstop\n" if not started else "stop\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    data = json.loads(Path(spec["result"]).read_text())
+    if data["errors"]:
+        raise RuntimeError(f"image requests failed: {data['errors'][0]}")
+    result["latencies"] = data["latencies"]
+
+
+async def run_text_streams(base_url: str, bodies: Sequence[bytes], start_load=None
+                           ) -> list[StreamResult]:
+    """Every text stream at once (``start_load`` is called just before they are sent)."""
+    async with http_client(base_url, len(bodies)) as client:
+        if start_load is not None:
+            start_load()
+        return list(await asyncio.gather(*(stream_chat(client, b) for b in bodies)))
+
+
+# ==== report =================================================================================
+
+
+def ms(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000.0 if len(values) else float("nan")
+
+
+def latency_summary(results: Sequence[StreamResult]) -> dict[str, float]:
+    itls = [x for r in results for x in r.itls]
+    ttfts = [r.ttft for r in results]
+    return {"ttft_p50_ms": ms(ttfts, 50), "ttft_p99_ms": ms(ttfts, 99),
+            "itl_p50_ms": ms(itls, 50), "itl_p99_ms": ms(itls, 99),
+            "itl_max_ms": ms(itls, 100), "itl_samples": len(itls)}
+
+
+def describe(requests: Sequence[ChatRequest]) -> str:
+    prompts = [r.prompt_len for r in requests]
+    outputs = [r.max_tokens for r in requests]
+    images = sum(1 for r in requests if len(r.messages[0]["content"]) > 1)
+    return (f"{len(requests)} requests ({images} with an image), prompts "
+            f"{min(prompts)}-{max(prompts)} tokens (mean {np.mean(prompts):.0f}), outputs "
+            f"{min(outputs)}-{max(outputs)} (mean {np.mean(outputs):.0f}, {sum(outputs)} "
+            "tokens)")
+
+
+def report_throughput(requests: Sequence[ChatRequest], offline: OfflineRun,
+                      results: Sequence[StreamResult], wall: float, concurrency: int,
+                      target: float) -> dict[str, Any]:
+    tokens = sum(r.completion_tokens for r in results)
+    short = [i for i, (res, req) in enumerate(zip(results, requests))
+             if res.completion_tokens != req.max_tokens]
+    if short:
+        raise RuntimeError(f"HTTP requests {short[:5]} did not produce their max_tokens")
+    http_tps = tokens / wall
+    ratio = http_tps / offline.tokens_per_s
+    same = sum(1 for a, b in zip(offline.texts, results) if a == b.text)
+    lat = latency_summary(results)
+    print(f"\n== throughput: {describe(requests)}")
+    print(f"  offline LLM.chat   {offline.wall_s:8.1f} s {offline.tokens_per_s:9.1f} tok/s")
+    print(f"  HTTP, {concurrency:3d} streams {wall:8.1f} s {http_tps:9.1f} tok/s")
+    print(f"  HTTP / offline: {ratio:.3f} (target >= {target:.2f}); identical texts "
+          f"{same}/{len(results)}")
+    print(f"  HTTP TTFT p50 {lat['ttft_p50_ms']:.0f} ms, p99 {lat['ttft_p99_ms']:.0f} ms; "
+          f"ITL p50 {lat['itl_p50_ms']:.1f} ms, p99 {lat['itl_p99_ms']:.1f} ms, max "
+          f"{lat['itl_max_ms']:.1f} ms ({lat['itl_samples']} intervals)")
+    return {"description": describe(requests), "offline_tok_s": offline.tokens_per_s,
+            "offline_wall_s": offline.wall_s, "http_tok_s": http_tps, "http_wall_s": wall,
+            "ratio": ratio, "identical_texts": same, "concurrency": concurrency, **lat}
+
+
+@dataclass
+class ITLRun:
+    name: str
+    results: list[StreamResult]
+    image_latencies: list[float] = field(default_factory=list)
+    image_wall_s: float = 0.0
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return latency_summary(self.results)
+
+
+def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
+                        image_clients: int, image_size: tuple[int, int]) -> dict[str, Any]:
+    print(f"\n== ITL of text streams, alone and beside image requests: {describe(requests)}, "
+          f"all at once; {image_clients} image clients, {image_size[1]}x{image_size[0]} "
+          "JPEG, max_tokens 2")
+    print(f"  {'run':<26} {'ITL p50':>9} {'p99':>9} {'max':>9}   image requests")
+    out: dict[str, Any] = {"runs": {}}
+    for run in runs:
+        s = run.summary
+        images = ""
+        if run.image_latencies:
+            rate = len(run.image_latencies) / run.image_wall_s
+            images = (f"{len(run.image_latencies)} done, {rate:.1f}/s, mean "
+                      f"{np.mean(run.image_latencies) * 1000:.0f} ms")
+        print(f"  {run.name:<26} {s['itl_p50_ms']:7.1f}ms {s['itl_p99_ms']:7.1f}ms "
+              f"{s['itl_max_ms']:7.1f}ms   {images}")
+        out["runs"][run.name] = {**s, "image_requests": len(run.image_latencies),
+                                 "image_wall_s": run.image_wall_s}
+    alone = [r.summary["itl_p99_ms"] for r in runs if not r.image_latencies]
+    loaded = [r.summary["itl_p99_ms"] for r in runs if r.image_latencies]
+    ratio = float(np.mean(loaded) / np.mean(alone))
+    print(f"  p99 ITL with images / text alone: {ratio:.3f} (target: no growth; the two "
+          f"text-only runs: {', '.join(f'{a:.1f}' for a in alone)} ms)")
+    out["p99_ratio"] = ratio
+    return out
+
+
+# ==== main ===================================================================================
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(PROMPT_TEMPLATES), default="llava-1.5")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="where the bench checkpoint is kept (built there if missing); "
+                        "default a temporary folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the offline LLM and of the server's processes "
+                        "(OMP_NUM_THREADS); default torch's own choice here")
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=64, help="streaming HTTP clients")
+    p.add_argument("--prompt-len", type=parse_range, default=(16, 256),
+                   help="words (one token each) per prompt, LOW:HIGH")
+    p.add_argument("--output-len", type=parse_range, default=(16, 256))
+    p.add_argument("--image-every", type=int, default=4,
+                   help="every N-th throughput request has an image (0: none)")
+    p.add_argument("--image-size", type=parse_range, default=(224, 1024),
+                   help="throughput images' height and width, each drawn from LOW:HIGH")
+    p.add_argument("--itl-streams", type=int, default=32, help="text streams (0: skip)")
+    p.add_argument("--itl-prompt-len", type=parse_range, default=(16, 128))
+    p.add_argument("--itl-output-len", type=parse_range, default=(192, 256))
+    p.add_argument("--image-clients", type=int, default=4)
+    p.add_argument("--image-variants", type=int, default=4,
+                   help="distinct pictures the image clients send (each also both ways)")
+    p.add_argument("--itl-image-size", type=parse_range, default=(1500, 2000),
+                   help="HEIGHT:WIDTH of the image clients' pictures")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (engine default if unset)")
+    p.add_argument("--target", type=float, default=0.90, help="HTTP / offline tokens/s")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="caldera-serving-bench-") as tmp:
+        workdir = Path(tmp)
+        image_dir = workdir / "images"
+        image_dir.mkdir()
+        model_dir = ensure_checkpoint(args.model_dir or workdir / args.shape, args.shape)
+        image_port = free_port()
+        image_url = f"http://127.0.0.1:{image_port}"
+        with subprocess_at([sys.executable, "-m", "http.server", str(image_port), "--bind",
+                            "127.0.0.1", "--directory", str(image_dir)],
+                           image_url + "/", workdir / "image-server.log", timeout=60):
+            return _run(args, threads, model_dir, workdir, ChatWorkloads(
+                model_dir, args.shape, args.seed, image_dir, image_url))
+
+
+def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
+         loads: ChatWorkloads) -> dict[str, Any]:
+    requests = loads.build("throughput", args.num_requests, args.prompt_len, args.output_len,
+                           args.image_size, args.image_every)
+    warm = loads.build("warm-up", 2, (8, 16), (4, 4), (336, 400), 2)
+    texts = loads.build("itl", args.itl_streams, args.itl_prompt_len, args.itl_output_len,
+                        None, 0)
+    height, width = args.itl_image_size
+    pictures = [random_image(np.random.default_rng([args.seed, k]), height, width)
+                for k in range(args.image_variants)]
+    image_requests = [loads.request("Describe this picture.", loads.add_image(p, inline),
+                                    (height, width), 2)
+                      for p in pictures for inline in (True, False)]
+    longest = max(r.prompt_len + r.max_tokens for r in [*requests, *texts, *image_requests])
+    options: dict[str, Any] = {
+        "dtype": "float32", "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": -(-(longest + 1) // 256) * 256, "block_size": args.block_size,
+        "seed": args.seed,
+    }
+    if args.kv_cache_memory is not None:
+        options["kv_cache_memory"] = args.kv_cache_memory
+    config = loads.words.config
+    print(f"checkpoint: {args.shape} shape, {config.text.hidden_size}-wide "
+          f"{config.text.num_layers}-layer language model, {config.vision.num_layers}-layer "
+          f"vision tower; engine options {options}; torch threads {threads} in the offline "
+          f"LLM and in the server's processes (OMP_NUM_THREADS={threads})")
+    sys.stdout.flush()
+    offline = run_offline(model_dir, requests, warm, options)
+    gc.collect()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {"OMP_NUM_THREADS": str(threads)}
+    summary: dict[str, Any] = {"engine_options": options, "threads": threads}
+    with subprocess_at(server_command(model_dir, port, options), base_url + "/health",
+                       workdir / "server.log", env=env):
+        run_async(run_closed_loop(base_url, [r.body() for r in warm], len(warm)))
+        results, wall = run_async(run_closed_loop(base_url, [r.body() for r in requests],
+                                                  args.concurrency))
+        summary["throughput"] = report_throughput(requests, offline, results, wall,
+                                                  args.concurrency, args.target)
+        sys.stdout.flush()
+        if args.itl_streams:
+            runs = run_interference(args, base_url, loads, texts, image_requests, workdir)
+            summary["interference"] = report_interference(
+                texts, runs, args.image_clients, args.itl_image_size)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_interference(args: argparse.Namespace, base_url: str, loads: ChatWorkloads,
+                     texts: list[ChatRequest], image_requests: list[ChatRequest],
+                     workdir: Path) -> list[ITLRun]:
+    """Text alone, text beside the image load, text alone again (each with its own salt)."""
+    runs = [ITLRun("text alone", run_async(run_text_streams(
+        base_url, [r.body() for r in loads.salted(texts, 1)])))]
+    image_bodies = [r.body(stream=False) for r in image_requests]
+    # Each picture once, both ways, so the loaded run finds their prefill in the cache.
+    run_async(run_closed_loop(base_url, [r.body() for r in image_requests], 1))
+    with image_load(base_url, image_bodies, args.image_clients, workdir) as (start, result):
+        text_results = run_async(run_text_streams(
+            base_url, [r.body() for r in loads.salted(texts, 2)], start))
+    runs.append(ITLRun(f"with {args.image_clients} image clients", text_results,
+                       result["latencies"], result["wall_s"]))
+    runs.append(ITLRun("text alone, again", run_async(run_text_streams(
+        base_url, [r.body() for r in loads.salted(texts, 3)]))))
+    return runs
+
+
+if __name__ == "__main__":
+    main()
