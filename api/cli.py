@@ -10,7 +10,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from caldera.api.config import ServerConfig
+    from caldera.engine.config import EngineConfig
 
 # The first is the default demo: SmolLM2-135M-Instruct's trained weights in a LLaVA-1.5 shape
 # (its vision tower is random); the others are the tiny random-weight test shapes.
@@ -157,8 +161,16 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from caldera.api.config import ServerConfig
     from caldera.api.launcher import serve
+
+    server, engine = serve_configs(args)
+    return serve(server, engine, uvicorn_log_level=args.uvicorn_log_level)
+
+
+def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    """The server's and the engine's configs from ``serve``'s options (also read by the Ray
+    Serve application, caldera.deploy.serve)."""
+    from caldera.api.config import ServerConfig
     from caldera.engine.config import EngineConfig, parse_bytes
 
     options = engine_options(args)
@@ -175,8 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels,
         allowed_origins=tuple(args.allowed_origins), ui=args.ui,
     )
-    return serve(server, EngineConfig(**_engine_config_options(options)),
-                 uvicorn_log_level=args.uvicorn_log_level)
+    return server, EngineConfig(**_engine_config_options(options))
 
 
 def _engine_config_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    from caldera.benchmarks.bench_serve import add_parser as add_bench_serve
+
+    add_bench_serve(bench.add_subparsers(dest="bench_command", required=True))
     return parser
 
 

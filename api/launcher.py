@@ -9,6 +9,7 @@ import logging
 import uvicorn
 
 from caldera.api.config import ServerConfig
+from caldera.api.http_limits import MAX_HEADER_BYTES, protocol_class
 from caldera.api.server import create_app
 from caldera.engine.config import EngineConfig
 
@@ -39,7 +40,8 @@ def serve(server_config: ServerConfig, engine_config: EngineConfig, *,
         host=server_config.host,
         port=server_config.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=protocol_class(),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         log_level=uvicorn_log_level,
         access_log=uvicorn_log_level in ("debug", "info", "trace"),
         timeout_graceful_shutdown=30,

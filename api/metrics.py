@@ -159,7 +159,7 @@ class Metrics:
     def observe_image_preprocess(self, seconds: float) -> None:
         self.image_preprocess.observe(seconds)
 
-    def observe_aborted(self, request_id: str) -> None:
+    def on_request_aborted(self, request_id: str) -> None:
         """A request that ended without finishing (client gone): forget its token state."""
         self._last_token_time.pop(request_id, None)
         self._seen_tokens.pop(request_id, None)

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from caldera.api import serving_chat, serving_completions
 from caldera.api.config import ServerConfig
@@ -36,7 +37,12 @@ from caldera.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from caldera.api.serving import Admission, ServingContext, until_done_or_disconnect
+from caldera.api.serving import (
+    Admission,
+    ServingContext,
+    client_gone,
+    until_done_or_disconnect,
+)
 from caldera.engine.async_llm import AsyncLLM
 from caldera.engine.chat_template import ChatTemplateError
 from caldera.engine.config import EngineConfig
@@ -66,12 +72,15 @@ async def read_body(request: Request, type_: type[T], limit: int) -> T:
         raise APIError(413, f"the request body is {declared} bytes, over the limit of {limit}",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is over the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise client_gone() from None
     body = b"".join(chunks)
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
@@ -100,6 +109,7 @@ def create_app(server_config: ServerConfig, engine_config: EngineConfig) -> Fast
     app = FastAPI(title="Caldera", version=VERSION, lifespan=lifespan, docs_url="/docs",
                   redoc_url=None)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    app.state.metrics = metrics  # also exported to Ray's metrics by a Ray Serve replica
     if server_config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])

@@ -168,12 +168,21 @@ async def watch_disconnect(receive_disconnected, task: asyncio.Task) -> None:
         await asyncio.sleep(0.05)
 
 
+def client_gone() -> APIError:
+    """The answer to a request whose client went away (nobody reads it; nginx's 499)."""
+    return APIError(499, "the client closed the connection", code="client_closed_request")
+
+
 async def until_done_or_disconnect(request, coro) -> Any:
     """Runs ``coro``; a client that disconnects first cancels it (its request is aborted)."""
     task = asyncio.ensure_future(coro)
     watcher = asyncio.ensure_future(watch_disconnect(request.is_disconnected, task))
     try:
         return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():  # the client went, not the server
+            raise client_gone() from None
+        raise
     finally:
         watcher.cancel()
 

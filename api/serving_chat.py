@@ -39,6 +39,9 @@ from caldera.engine.outputs import RequestOutput
 from caldera.engine.processor import ProcessedPrompt, PromptError
 from caldera.engine.sampling_params import SamplingParams
 
+# The render call's own parameters: a template variable of the same name would collide.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"self", "messages", "add_generation_prompt"})
+
 
 @dataclass
 class PreparedChat:
@@ -74,10 +77,14 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Prepa
     check_chat_unsupported(req)
     params = chat_sampling_params(req, ctx.vocab_size)
     messages = _messages(req)
+    template_kwargs = req.chat_template_kwargs or {}
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
+    if reserved:
+        raise bad_request(f"chat_template_kwargs cannot set {reserved[0]!r}; send it as the "
+                          "request's own field", param="chat_template_kwargs")
     try:
         rendered = ctx.llm.processor.chat_template.render(
-            messages, add_generation_prompt=req.add_generation_prompt,
-            **(req.chat_template_kwargs or {}))
+            messages, add_generation_prompt=req.add_generation_prompt, **template_kwargs)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), param="messages") from None
     images = await load_images(ctx, rendered.image_sources)

@@ -16,7 +16,8 @@ tokens; reported: tokens/s of each, the ratio HTTP / offline (target >= 0.90), a
 side's time to first token and inter-token latency (ITL, between arrivals of SSE chunks that
 carry text).
 
-Interference: ``--itl-streams`` text-only streams with long outputs run alone, then while
+Interference: ``--itl-streams`` text-only streams with long outputs (and ``logprobs``, so
+that every token is a chunk, even one with no text yet) run alone, then while
 ``--image-clients`` clients (in a process of their own) keep sending 2000x1500 JPEG requests,
 half as data URLs and half from the image server, ``max_tokens`` 2; then alone again. Each run
 changes the first word of the text prompts, so no run reuses another's prefix cache. The
@@ -28,24 +29,22 @@ the ratio of the loaded run's p99 to the text-only runs' mean (target: no growth
 Both sides compute with the same number of torch threads: ``--threads`` (default: torch's own
 choice here) is set in this process and passed to the server's processes as
 ``OMP_NUM_THREADS``. The clients run in this process (and the image load in a child), on the
-same machine: their CPU time is part of what the HTTP side pays.
+same machine: their CPU time is part of what the HTTP side pays. Each phase also reports the
+CPU seconds every process ran and waited, runnable, for a CPU (Linux scheduler statistics): on
+a shared machine, waiting tells a busy machine from slow code. ``--profile-api PATH`` runs the
+server's API process under cProfile (its event loop thread) and prints the top entries.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import contextlib
 import gc
-import inspect
 import io
 import json
 import os
+import pstats
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -66,9 +64,21 @@ from caldera.benchmarks.offline_throughput import (
     parse_range,
     random_image,
 )
+from caldera.benchmarks.serving_load import (
+    CPUClock,
+    SchedTimes,
+    StreamResult,
+    engine_pid,
+    format_cpu,
+    free_port,
+    image_load,
+    run_async,
+    run_closed_loop,
+    run_text_streams,
+    server_command,
+    subprocess_at,
+)
 from caldera.engine import LLM, SamplingParams
-
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 # ==== requests ===============================================================================
 
@@ -79,14 +89,17 @@ class ChatRequest:
     max_tokens: int
     prompt_len: int  # tokens, image placeholders included
 
-    def body(self, stream: bool = True) -> bytes:
-        """The HTTP request body, encoded once before any clock starts."""
+    def body(self, stream: bool = True, logprobs: bool = False) -> bytes:
+        """The HTTP request body, encoded once before any clock starts. ``logprobs`` makes
+        the server send a chunk for every token, text or not."""
         payload: dict[str, Any] = {
             "model": "default", "messages": self.messages, "max_tokens": self.max_tokens,
             "temperature": 0.0, "ignore_eos": True,
         }
         if stream:
             payload |= {"stream": True, "stream_options": {"include_usage": True}}
+        if logprobs:
+            payload["logprobs"] = True
         return json.dumps(payload).encode()
 
 
@@ -172,6 +185,7 @@ class OfflineRun:
     wall_s: float
     output_tokens: int
     texts: list[str]
+    cpu: SchedTimes
 
     @property
     def tokens_per_s(self) -> float:
@@ -186,269 +200,24 @@ def run_offline(model_dir: Path, requests: list[ChatRequest], warm: list[ChatReq
     try:
         llm.chat([r.messages for r in warm], _params(warm), use_tqdm=False)
         gc.collect()
-        start = time.perf_counter()
-        outputs = llm.chat([r.messages for r in requests], _params(requests), use_tqdm=False)
-        wall = time.perf_counter() - start
+        clock = CPUClock({"offline": os.getpid()})
+        with clock.measure() as cpu:
+            start = time.perf_counter()
+            outputs = llm.chat([r.messages for r in requests], _params(requests),
+                               use_tqdm=False)
+            wall = time.perf_counter() - start
     finally:
         llm.shutdown()
     tokens = [len(o.outputs[0].token_ids) for o in outputs]
     short = [i for i, (n, r) in enumerate(zip(tokens, requests)) if n != r.max_tokens]
     if short:
         raise RuntimeError(f"offline requests {short[:5]} did not produce their max_tokens")
-    return OfflineRun(wall, sum(tokens), [o.outputs[0].text for o in outputs])
+    return OfflineRun(wall, sum(tokens), [o.outputs[0].text for o in outputs], cpu["offline"])
 
 
 def _params(requests: Sequence[ChatRequest]) -> list[SamplingParams]:
     return [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
             for r in requests]
-
-
-# ==== processes: the server and the image server =============================================
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s: {tail(log)}")
-
-
-def tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def subprocess_at(cmd: list[str], health_url: str, log: Path, env: dict[str, str] | None = None,
-                  timeout: float = 600.0):
-    """Runs ``cmd`` until the block ends (SIGTERM, then SIGKILL after 60 s)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    try:
-        wait_http(health_url, proc, log, timeout)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def server_command(model_dir: Path, port: int, options: dict[str, Any]) -> list[str]:
-    """``caldera serve`` with the offline side's engine options, as flags."""
-    cmd = [sys.executable, "-m", "caldera.api.cli", "--log-level", "WARNING", "serve",
-           "--model", str(model_dir), "--port", str(port), "--no-ui",
-           "--allow-private-media-urls", "--max-image-bytes", "64MiB"]
-    for name, value in options.items():
-        cmd += [f"--{name.replace('_', '-')}", str(value)]
-    return cmd
-
-
-# ==== HTTP clients ===========================================================================
-
-
-@dataclass
-class StreamResult:
-    sent: float
-    chunk_times: list[float]  # arrivals of the SSE chunks that carry text
-    text: str
-    completion_tokens: int
-
-    @property
-    def ttft(self) -> float:
-        return self.chunk_times[0] - self.sent
-
-    @property
-    def itls(self) -> list[float]:
-        return list(np.diff(self.chunk_times))
-
-
-async def stream_chat(client: httpx.AsyncClient, body: bytes) -> StreamResult:
-    """One streamed chat completion; chunks are timed as they arrive, before parsing."""
-    sent = time.perf_counter()
-    times: list[float] = []
-    parts: list[str] = []
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", content=body,
-                             headers=JSON_HEADERS) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        buffer = b""
-        async for data in response.aiter_raw():
-            now = time.perf_counter()
-            *events, buffer = (buffer + data).split(b"\n\n")
-            for event in events:
-                if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                    continue
-                chunk = json.loads(event[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"error event: {chunk['error']}")
-                for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
-                        times.append(now)
-                        parts.append(choice["delta"]["content"])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    if not times:
-        raise RuntimeError("a stream ended without any text")
-    return StreamResult(sent, times, "".join(parts), tokens)
-
-
-def http_client(base_url: str, connections: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0),
-                             limits=httpx.Limits(max_connections=connections,
-                                                 max_keepalive_connections=connections))
-
-
-async def run_closed_loop(base_url: str, bodies: Sequence[bytes],
-                          concurrency: int) -> tuple[list[StreamResult], float]:
-    """``concurrency`` clients; each sends the next body when its last stream has ended."""
-    results: list[StreamResult | None] = [None] * len(bodies)
-    queue = iter(enumerate(bodies))
-    async with http_client(base_url, concurrency) as client:
-
-        async def client_loop() -> None:
-            for index, body in queue:  # one shared iterator: each takes the next request
-                results[index] = await stream_chat(client, body)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return [r for r in results if r is not None], wall
-
-
-def run_async(coro: Any) -> Any:
-    """Runs ``coro`` on uvloop when it is installed (cheaper per chunk), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-# ---- the image load, in its own process ------------------------------------------------------
-
-
-def _image_load_child(spec_path: str) -> None:
-    """Runs as ``python -c`` (stdlib and httpx only, so it starts in a moment): says "ready",
-    sends non-streamed image requests from the "go" line on stdin to the "stop" line, then
-    writes the latencies of the requests done to the spec's result file."""
-    import asyncio
-    import json
-    import sys
-    import threading
-    import time
-
-    import httpx
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    bodies = []
-    for path in spec["bodies"]:
-        with open(path, "rb") as f:
-            bodies.append(f.read())
-    clients = spec["clients"]
-    stop = threading.Event()
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    async def loop(client: httpx.AsyncClient, index: int) -> None:
-        while not stop.is_set():
-            start = time.perf_counter()
-            response = await client.post("/v1/chat/completions",
-                                         content=bodies[index % len(bodies)],
-                                         headers={"Content-Type": "application/json"})
-            if response.status_code != 200:
-                errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                return
-            latencies.append(time.perf_counter() - start)
-            index += clients
-
-    async def main() -> None:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=spec["base_url"], timeout=600.0,
-                                     limits=limits) as client:
-            print("ready", flush=True)
-            await asyncio.to_thread(sys.stdin.readline)  # "go"
-            threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()),
-                             daemon=True).start()
-            await asyncio.gather(*(loop(client, k) for k in range(clients)))
-
-    asyncio.run(main())
-    with open(spec["result"], "w") as f:
-        json.dump({"latencies": latencies, "errors": errors}, f)
-
-
-@contextlib.contextmanager
-def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Path):
-    """Starts the image clients' process; yields (a function that starts the load, the
-    result dict). Leaving the block stops the load, waits for the requests in flight and
-    fills in ``latencies`` (s) and ``wall_s`` (from start to stop)."""
-    paths = []
-    for index, body in enumerate(bodies):
-        path = workdir / f"image-body-{index}.json"
-        path.write_bytes(body)
-        paths.append(str(path))
-    spec = {"base_url": base_url, "bodies": paths, "clients": clients,
-            "result": str(workdir / "image-load.json")}
-    spec_path = workdir / "image-load-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    script = (inspect.getsource(_image_load_child)
-              + "\n\nimport sys\n_image_load_child(sys.argv[1])\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(spec_path)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    result: dict[str, Any] = {"wall_s": 0.0}
-    started: list[float] = []
-
-    def start() -> None:
-        started.append(time.perf_counter())
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-
-    try:
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the image load process did not start")
-        yield start, result
-    finally:
-        if started:
-            result["wall_s"] = time.perf_counter() - started[0]
-        with contextlib.suppress(OSError):
-            proc.stdin.write("go\nstop\n" if not started else "stop\n")
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    data = json.loads(Path(spec["result"]).read_text())
-    if data["errors"]:
-        raise RuntimeError(f"image requests failed: {data['errors'][0]}")
-    result["latencies"] = data["latencies"]
-
-
-async def run_text_streams(base_url: str, bodies: Sequence[bytes], start_load=None
-                           ) -> list[StreamResult]:
-    """Every text stream at once (``start_load`` is called just before they are sent)."""
-    async with http_client(base_url, len(bodies)) as client:
-        if start_load is not None:
-            start_load()
-        return list(await asyncio.gather(*(stream_chat(client, b) for b in bodies)))
 
 
 # ==== report =================================================================================
@@ -476,8 +245,13 @@ def describe(requests: Sequence[ChatRequest]) -> str:
             "tokens)")
 
 
+def _cpu_json(used: dict[str, SchedTimes]) -> dict[str, dict[str, float]]:
+    return {name: {"run_s": t.run_s, "wait_s": t.wait_s} for name, t in used.items()}
+
+
 def report_throughput(requests: Sequence[ChatRequest], offline: OfflineRun,
-                      results: Sequence[StreamResult], wall: float, concurrency: int,
+                      results: Sequence[StreamResult], wall: float,
+                      cpu: dict[str, SchedTimes], concurrency: int,
                       target: float) -> dict[str, Any]:
     tokens = sum(r.completion_tokens for r in results)
     short = [i for i, (res, req) in enumerate(zip(results, requests))
@@ -496,15 +270,20 @@ def report_throughput(requests: Sequence[ChatRequest], offline: OfflineRun,
     print(f"  HTTP TTFT p50 {lat['ttft_p50_ms']:.0f} ms, p99 {lat['ttft_p99_ms']:.0f} ms; "
           f"ITL p50 {lat['itl_p50_ms']:.1f} ms, p99 {lat['itl_p99_ms']:.1f} ms, max "
           f"{lat['itl_max_ms']:.1f} ms ({lat['itl_samples']} intervals)")
+    print(f"  CPU s (waiting for a CPU s): offline process {offline.cpu.run_s:.1f} "
+          f"({offline.cpu.wait_s:.1f}); HTTP: {format_cpu(cpu)}")
     return {"description": describe(requests), "offline_tok_s": offline.tokens_per_s,
             "offline_wall_s": offline.wall_s, "http_tok_s": http_tps, "http_wall_s": wall,
-            "ratio": ratio, "identical_texts": same, "concurrency": concurrency, **lat}
+            "ratio": ratio, "identical_texts": same, "concurrency": concurrency,
+            "offline_cpu": _cpu_json({"offline": offline.cpu}), "http_cpu": _cpu_json(cpu),
+            **lat}
 
 
 @dataclass
 class ITLRun:
     name: str
     results: list[StreamResult]
+    cpu: dict[str, SchedTimes]
     image_latencies: list[float] = field(default_factory=list)
     image_wall_s: float = 0.0
 
@@ -516,9 +295,10 @@ class ITLRun:
 def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
                         image_clients: int, image_size: tuple[int, int]) -> dict[str, Any]:
     print(f"\n== ITL of text streams, alone and beside image requests: {describe(requests)}, "
-          f"all at once; {image_clients} image clients, {image_size[1]}x{image_size[0]} "
-          "JPEG, max_tokens 2")
-    print(f"  {'run':<26} {'ITL p50':>9} {'p99':>9} {'max':>9}   image requests")
+          f"all at once, with logprobs (one chunk per token); {image_clients} image clients, "
+          f"{image_size[1]}x{image_size[0]} JPEG, max_tokens 2")
+    print(f"  {'run':<26} {'ITL p50':>9} {'p99':>9} {'max':>9}  {'engine CPU (waited)':>19} "
+          f"{'API CPU':>8}  image requests")
     out: dict[str, Any] = {"runs": {}}
     for run in runs:
         s = run.summary
@@ -527,17 +307,30 @@ def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
             rate = len(run.image_latencies) / run.image_wall_s
             images = (f"{len(run.image_latencies)} done, {rate:.1f}/s, mean "
                       f"{np.mean(run.image_latencies) * 1000:.0f} ms")
+        engine, api = run.cpu["engine"], run.cpu["API"]
         print(f"  {run.name:<26} {s['itl_p50_ms']:7.1f}ms {s['itl_p99_ms']:7.1f}ms "
-              f"{s['itl_max_ms']:7.1f}ms   {images}")
+              f"{s['itl_max_ms']:7.1f}ms  {engine.run_s:9.1f}s ({engine.wait_s:5.1f}s) "
+              f"{api.run_s:7.1f}s  {images}")
         out["runs"][run.name] = {**s, "image_requests": len(run.image_latencies),
-                                 "image_wall_s": run.image_wall_s}
+                                 "image_wall_s": run.image_wall_s, "cpu": _cpu_json(run.cpu)}
     alone = [r.summary["itl_p99_ms"] for r in runs if not r.image_latencies]
     loaded = [r.summary["itl_p99_ms"] for r in runs if r.image_latencies]
     ratio = float(np.mean(loaded) / np.mean(alone))
     print(f"  p99 ITL with images / text alone: {ratio:.3f} (target: no growth; the two "
           f"text-only runs: {', '.join(f'{a:.1f}' for a in alone)} ms)")
+    loaded_cpu = next(r.cpu for r in runs if r.image_latencies)
+    print(f"  CPU s (waiting for a CPU s) in the run with images: {format_cpu(loaded_cpu)}")
     out["p99_ratio"] = ratio
     return out
+
+
+def print_profile(path: Path, limit: int) -> None:
+    if not path.is_file():
+        print(f"\n(no profile was written to {path})")
+        return
+    print(f"\n-- profile of the API process's event loop thread ({path}), top {limit} by own "
+          "time")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(limit)
 
 
 # ==== main ===================================================================================
@@ -575,6 +368,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (engine default if unset)")
     p.add_argument("--target", type=float, default=0.90, help="HTTP / offline tokens/s")
+    p.add_argument("--profile-api", type=Path, default=None,
+                   help="run the server's API process under cProfile, written here (slows it)")
+    p.add_argument("--profile-lines", type=int, default=30)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -594,8 +390,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with subprocess_at([sys.executable, "-m", "http.server", str(image_port), "--bind",
                             "127.0.0.1", "--directory", str(image_dir)],
                            image_url + "/", workdir / "image-server.log", timeout=60):
-            return _run(args, threads, model_dir, workdir, ChatWorkloads(
+            summary = _run(args, threads, model_dir, workdir, ChatWorkloads(
                 model_dir, args.shape, args.seed, image_dir, image_url))
+    if args.profile_api is not None:
+        print_profile(args.profile_api, args.profile_lines)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
@@ -630,41 +431,52 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
     gc.collect()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = {"OMP_NUM_THREADS": str(threads)}
     summary: dict[str, Any] = {"engine_options": options, "threads": threads}
-    with subprocess_at(server_command(model_dir, port, options), base_url + "/health",
-                       workdir / "server.log", env=env):
+    with subprocess_at(server_command(model_dir, port, options, args.profile_api),
+                       base_url + "/health", workdir / "server.log",
+                       env={"OMP_NUM_THREADS": str(threads)}) as server:
+        engine = engine_pid(server.pid)
+        if engine is None:
+            raise RuntimeError("the server's engine process was not found")
+        clock = CPUClock({"engine": engine, "API": server.pid, "clients": os.getpid()})
         run_async(run_closed_loop(base_url, [r.body() for r in warm], len(warm)))
-        results, wall = run_async(run_closed_loop(base_url, [r.body() for r in requests],
-                                                  args.concurrency))
-        summary["throughput"] = report_throughput(requests, offline, results, wall,
+        with clock.measure() as cpu:
+            results, wall = run_async(run_closed_loop(
+                base_url, [r.body() for r in requests], args.concurrency))
+        summary["throughput"] = report_throughput(requests, offline, results, wall, cpu,
                                                   args.concurrency, args.target)
         sys.stdout.flush()
         if args.itl_streams:
-            runs = run_interference(args, base_url, loads, texts, image_requests, workdir)
+            runs = run_interference(args, base_url, clock, loads, texts, image_requests,
+                                    workdir)
             summary["interference"] = report_interference(
                 texts, runs, args.image_clients, args.itl_image_size)
-    if args.json is not None:
-        args.json.write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def run_interference(args: argparse.Namespace, base_url: str, loads: ChatWorkloads,
-                     texts: list[ChatRequest], image_requests: list[ChatRequest],
-                     workdir: Path) -> list[ITLRun]:
+def run_interference(args: argparse.Namespace, base_url: str, clock: CPUClock,
+                     loads: ChatWorkloads, texts: list[ChatRequest],
+                     image_requests: list[ChatRequest], workdir: Path) -> list[ITLRun]:
     """Text alone, text beside the image load, text alone again (each with its own salt)."""
-    runs = [ITLRun("text alone", run_async(run_text_streams(
-        base_url, [r.body() for r in loads.salted(texts, 1)])))]
+
+    def text_alone(name: str, salt: int) -> ITLRun:
+        bodies = [r.body(logprobs=True) for r in loads.salted(texts, salt)]
+        with clock.measure() as cpu:
+            results = run_async(run_text_streams(base_url, bodies))
+        return ITLRun(name, results, cpu)
+
+    runs = [text_alone("text alone", 1)]
     image_bodies = [r.body(stream=False) for r in image_requests]
     # Each picture once, both ways, so the loaded run finds their prefill in the cache.
     run_async(run_closed_loop(base_url, [r.body() for r in image_requests], 1))
+    bodies = [r.body(logprobs=True) for r in loads.salted(texts, 2)]
     with image_load(base_url, image_bodies, args.image_clients, workdir) as (start, result):
-        text_results = run_async(run_text_streams(
-            base_url, [r.body() for r in loads.salted(texts, 2)], start))
-    runs.append(ITLRun(f"with {args.image_clients} image clients", text_results,
+        loaded_clock = CPUClock({**clock.pids, "image clients": result["pid"]})
+        with loaded_clock.measure() as cpu:
+            text_results = run_async(run_text_streams(base_url, bodies, start))
+    runs.append(ITLRun(f"with {args.image_clients} image clients", text_results, cpu,
                        result["latencies"], result["wall_s"]))
-    runs.append(ITLRun("text alone, again", run_async(run_text_streams(
-        base_url, [r.body() for r in loads.salted(texts, 3)]))))
+    runs.append(text_alone("text alone, again", 3))
     return runs
 
 

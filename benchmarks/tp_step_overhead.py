@@ -102,7 +102,7 @@ def run_transport(scheduler_output: SchedulerOutput, rounds: int) -> dict[str, f
     try:
         for _ in range(rounds):
             start = time.perf_counter()
-            ray.get(graph.execute(step))
+            ray.get(graph.execute(step), timeout=-1)
             compiled.append(time.perf_counter() - start)
     finally:
         graph.teardown()
@@ -141,27 +141,26 @@ def main() -> None:
         build_tiny_checkpoint("llava-1.5", model_dir, **BENCH_SIZES)
     torch.set_num_threads(args.threads)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+    ms = 1e3
     try:
         tp1 = run_engine(model_dir, 1, args)
         tp2 = run_engine(model_dir, 2, args)
+        print(f"decode steps of {args.batch} requests, bench shape "
+              f"({BENCH_SIZES['hidden_size']}-wide, {BENCH_SIZES['num_layers']} layers), "
+              f"float32 on CPU, median of {args.steps} steps, ms per step")
+        print(f"{'executor':<26}{'step':>8}{'rank compute':>14}{'collectives':>13}"
+              f"{'Ray overhead':>14}")
+        print(f"{'in-process, TP=1':<26}{tp1['call'] * ms:>8.2f}{tp1['call'] * ms:>14.2f}"
+              f"{0.0:>13.2f}{0.0:>14.2f}")
+        compute = tp2["rank"] - tp2["collectives"]
+        print(f"{'Ray compiled graph, TP=2':<26}{tp2['call'] * ms:>8.2f}{compute * ms:>14.2f}"
+              f"{tp2['collectives'] * ms:>13.2f}{tp2['overhead'] * ms:>14.2f}", flush=True)
         transport = run_transport(_decode_step(model_dir, args), args.steps)
+        print(f"transport only (2 echo actors, this step's scheduler output): compiled graph "
+              f"{transport['compiled'] * ms:.2f} ms, ray.put + one call per rank "
+              f"{transport['plain'] * ms:.2f} ms")
     finally:
         ray.shutdown()
-
-    ms = 1e3
-    print(f"decode steps of {args.batch} requests, bench shape ({BENCH_SIZES['hidden_size']}"
-          f"-wide, {BENCH_SIZES['num_layers']} layers), float32 on CPU, median of "
-          f"{args.steps} steps, ms per step")
-    print(f"{'executor':<26}{'step':>8}{'rank compute':>14}{'collectives':>13}"
-          f"{'Ray overhead':>14}")
-    print(f"{'in-process, TP=1':<26}{tp1['call'] * ms:>8.2f}{tp1['call'] * ms:>14.2f}"
-          f"{0.0:>13.2f}{0.0:>14.2f}")
-    compute = tp2["rank"] - tp2["collectives"]
-    print(f"{'Ray compiled graph, TP=2':<26}{tp2['call'] * ms:>8.2f}{compute * ms:>14.2f}"
-          f"{tp2['collectives'] * ms:>13.2f}{tp2['overhead'] * ms:>14.2f}")
-    print(f"transport only (2 echo actors, this step's scheduler output): compiled graph "
-          f"{transport['compiled'] * ms:.2f} ms, ray.put + one call per rank "
-          f"{transport['plain'] * ms:.2f} ms")
 
 
 if __name__ == "__main__":

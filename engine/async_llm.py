@@ -41,6 +41,8 @@ class StatLogger(Protocol):
     def on_engine_step(self, stats: SchedulerStatsMessage | None,
                        outputs: Sequence[RequestOutput], now: float) -> None: ...
 
+    def on_request_aborted(self, request_id: str) -> None: ...
+
 
 @dataclass
 class _Stream:
@@ -123,6 +125,12 @@ class AsyncLLM:
                 f"{params.max_tokens}, together over this model's maximum context length of "
                 f"{limit}: lower max_tokens to at most {limit - len(processed.token_ids)}"
             )
+        if params.min_tokens > limit - len(processed.token_ids):
+            raise PromptError(
+                f"min_tokens is {params.min_tokens}, more than the "
+                f"{limit - len(processed.token_ids)} tokens this model's maximum context length "
+                f"of {limit} leaves after the prompt: lower min_tokens"
+            )
 
     async def generate(self, processed: ProcessedPrompt, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -157,6 +165,9 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         child_ids = self.output_processor.abort_request(request_id)
+        if child_ids:
+            for stat_logger in self.stat_loggers:
+                stat_logger.on_request_aborted(request_id)
         if child_ids and self.engine is not None and self.is_healthy:
             with contextlib.suppress(EngineDeadError):
                 self.engine.abort_requests(child_ids)

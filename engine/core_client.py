@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -87,8 +89,10 @@ def with_ray_context(config: EngineConfig) -> EngineConfig:
     cluster and group are named explicitly."""
     if parallel_config(config).backend != "ray" or config.ray_placement_group is not None:
         return config
-    from caldera.worker.ray_executor import current_ray_context
-
+    try:
+        from caldera.worker.ray_executor import current_ray_context
+    except ImportError:  # no Ray here: the engine process says so when it starts
+        return config
     context = current_ray_context()
     if context is None:
         return config
@@ -106,6 +110,7 @@ def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None
     except Exception as exc:  # reported to the front end, which raises it
         conn.send_bytes(encoder.encode(Ready(error=f"{type(exc).__name__}: {exc}")))
         return
+    _inject_test_fault(core)
     try:
         conn.send_bytes(encoder.encode(Ready(core.num_blocks, core.max_model_len)))
         _loop(core, conn, encoder, commands)
@@ -119,6 +124,28 @@ def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None
         raise SystemExit(1) from None
     finally:
         core.shutdown()
+
+
+# Test-only fault injection, read in the engine process and nowhere else: with this set to k,
+# the model's forward raises at the engine's k-th step, so tests can check what clients see
+# when the engine fails mid-generation. Not a user option; no CLI flag or docs mention it.
+TEST_FAIL_AT_STEP_ENV = "CALDERA_TEST_FAIL_AT_STEP"
+
+
+def _inject_test_fault(core: EngineCore) -> None:
+    value = os.environ.get(TEST_FAIL_AT_STEP_ENV)
+    if not value:
+        return
+    fail_at = int(value)
+    execute = core.executor.execute_model
+    steps = itertools.count(1)
+
+    def execute_or_fail(scheduler_output):
+        if next(steps) == fail_at:
+            raise RuntimeError(f"injected test fault at engine step {fail_at}")
+        return execute(scheduler_output)
+
+    core.executor.execute_model = execute_or_fail  # type: ignore[method-assign]
 
 
 def _loop(core: EngineCore, conn, encoder: msgspec.msgpack.Encoder,

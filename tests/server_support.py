@@ -59,12 +59,15 @@ def descendants(pid: int) -> list[int]:
 
 class ServerProcess:
     def __init__(self, args: list[str], api_key: str | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 240.0) -> None:
+                 env: dict[str, str] | None = None, startup_timeout: float = 240.0,
+                 launcher: list[str] | None = None) -> None:
+        """``launcher``: the command that stands for ``caldera`` (default: the installed
+        entry point)."""
         self.port = free_port()
         self.api_key = api_key
         self.base_url = f"http://127.0.0.1:{self.port}"
         exe = shutil.which("caldera", path=str(Path(sys.executable).parent)) or "caldera"
-        cmd = [exe, "serve", "--port", str(self.port), *args]
+        cmd = [*(launcher or [exe]), "serve", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = io.StringIO()

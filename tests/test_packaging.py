@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FOLDERS = ("api", "benchmarks", "engine", "kernels", "scheduler", "worker")
+CODE_FOLDERS = ("api", "benchmarks", "deploy", "engine", "kernels", "scheduler", "worker")
 
 
 def _source_modules() -> list[str]:

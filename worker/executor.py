@@ -102,7 +102,10 @@ class UniProcExecutor(Executor):
 
 def create_executor(worker_config: WorkerConfig, parallel: ParallelConfig) -> Executor:
     if parallel.backend == "ray":
-        from caldera.worker.ray_executor import RayExecutor  # Ray is an optional dependency
-
+        try:
+            from caldera.worker.ray_executor import RayExecutor
+        except ImportError as exc:  # Ray is an optional dependency
+            raise ValueError("the ray executor (tensor_parallel_size > 1) needs Ray: "
+                             "pip install 'caldera[ray]'") from exc
         return RayExecutor(worker_config, parallel)
     return UniProcExecutor(worker_config)

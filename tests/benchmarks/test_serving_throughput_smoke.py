@@ -23,6 +23,7 @@ def test_benchmark_prints_its_summary(llava15_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "== throughput: 4 requests (2 with an image)" in out
     assert "HTTP / offline:" in out and "identical texts" in out
+    assert "CPU s (waiting for a CPU s): offline process" in out
     assert "text alone, again" in out and "p99 ITL with images / text alone:" in out
     throughput = summary["throughput"]
     assert throughput["offline_tok_s"] > 0 and throughput["http_tok_s"] > 0
@@ -31,6 +32,7 @@ def test_benchmark_prints_its_summary(llava15_dir, tmp_path, capsys):
     runs = summary["interference"]["runs"]
     assert list(runs) == ["text alone", "with 1 image clients", "text alone, again"]
     assert runs["with 1 image clients"]["image_requests"] >= 1
+    assert set(runs["text alone"]["cpu"]) == {"engine", "API", "clients"}
     assert json.loads(results.read_text())["threads"] == torch.get_num_threads()
 
 
