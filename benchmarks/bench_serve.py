@@ -40,6 +40,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -282,7 +283,9 @@ async def run(target: Target, dataset: Sequence[BenchRequest], request_rate: flo
         for request in dataset[:warmup]:
             warm = await send_request(client, target, request, time.perf_counter())
             if not warm.ok:
-                raise ConnectionError(f"the warm-up request failed: {warm.error}")
+                raise ValueError(f"the warm-up request to {target.base_url}{target.endpoint} "
+                                 f"failed ({warm.error}); check --base-url, --endpoint, "
+                                 "--model and --api-key")
         gate = asyncio.Semaphore(limit)
         starts = arrival_times(len(dataset), request_rate, random.Random(seed + 1))
         bar = _progress_bar(len(dataset), progress)
@@ -484,10 +487,14 @@ def _served_model(base_url: str, api_key: str | None) -> str:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30,
-                         trust_env=False)
-    response.raise_for_status()
-    models = response.json().get("data") or []
+    try:
+        response = httpx.get(base_url + "/v1/models", headers=headers, timeout=30,
+                             trust_env=False)
+        response.raise_for_status()
+        models = response.json().get("data") or []
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError(f"cannot list the models of {base_url} ({exc}); check --base-url and "
+                         "--api-key, or pass --model") from None
     if not models:
         raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
     return models[0]["id"]
@@ -504,6 +511,7 @@ def main(args: argparse.Namespace) -> int:
         image_size=args.image_size, repeat_share=args.repeat_share,
         repeat_pool=args.repeat_pool, seed=args.seed,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     base_url = args.base_url.rstrip("/")
     model = args.model or _served_model(base_url, args.api_key)
     target = Target(base_url, args.endpoint, model, args.api_key, args.temperature,

@@ -19,7 +19,7 @@ carry text).
 Interference: ``--itl-streams`` text-only streams with long outputs (and ``logprobs``, so
 that every token is a chunk, even one with no text yet) run alone, then while
 ``--image-clients`` clients (in a process of their own) keep sending 2000x1500 JPEG requests,
-half as data URLs and half from the image server, ``max_tokens`` 2; then alone again. Each run
+half as data URLs and half from the image server, ``max_tokens`` 1; then alone again. Each run
 changes the first word of the text prompts, so no run reuses another's prefix cache. The
 image requests reuse ``--image-variants`` pictures, each sent once before the loaded run, so
 the engine's prefix cache serves their prefill and what they add is the server's fetching,
@@ -272,7 +272,14 @@ def report_throughput(requests: Sequence[ChatRequest], offline: OfflineRun,
           f"{lat['itl_max_ms']:.1f} ms ({lat['itl_samples']} intervals)")
     print(f"  CPU s (waiting for a CPU s): offline process {offline.cpu.run_s:.1f} "
           f"({offline.cpu.wait_s:.1f}); HTTP: {format_cpu(cpu)}")
-    return {"description": describe(requests), "offline_tok_s": offline.tokens_per_s,
+    engine = cpu["engine"]
+    idle = wall - engine.run_s - engine.wait_s
+    per_cpu = (tokens / engine.run_s) / (offline.output_tokens / offline.cpu.run_s)
+    print(f"  engine process idle (no work) {idle:.1f} s of {wall:.1f} s; output tokens per "
+          f"CPU second: offline {offline.output_tokens / offline.cpu.run_s:.1f}, HTTP engine "
+          f"{tokens / engine.run_s:.1f}, ratio {per_cpu:.3f} (HTTP / offline where no "
+          "process waits for a CPU and the API has a core of its own)")
+    return {"engine_idle_s": idle, "per_cpu_ratio": per_cpu,"description": describe(requests), "offline_tok_s": offline.tokens_per_s,
             "offline_wall_s": offline.wall_s, "http_tok_s": http_tps, "http_wall_s": wall,
             "ratio": ratio, "identical_texts": same, "concurrency": concurrency,
             "offline_cpu": _cpu_json({"offline": offline.cpu}), "http_cpu": _cpu_json(cpu),
@@ -296,8 +303,8 @@ def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
                         image_clients: int, image_size: tuple[int, int]) -> dict[str, Any]:
     print(f"\n== ITL of text streams, alone and beside image requests: {describe(requests)}, "
           f"all at once, with logprobs (one chunk per token); {image_clients} image clients, "
-          f"{image_size[1]}x{image_size[0]} JPEG, max_tokens 2")
-    print(f"  {'run':<26} {'ITL p50':>9} {'p99':>9} {'max':>9}  {'engine CPU (waited)':>19} "
+          f"{image_size[1]}x{image_size[0]} JPEG, max_tokens 1")
+    print(f"  {'run':<30} {'ITL p50':>9} {'p99':>9} {'max':>9}  {'engine CPU (waited)':>19} "
           f"{'API CPU':>8}  image requests")
     out: dict[str, Any] = {"runs": {}}
     for run in runs:
@@ -308,7 +315,7 @@ def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
             images = (f"{len(run.image_latencies)} done, {rate:.1f}/s, mean "
                       f"{np.mean(run.image_latencies) * 1000:.0f} ms")
         engine, api = run.cpu["engine"], run.cpu["API"]
-        print(f"  {run.name:<26} {s['itl_p50_ms']:7.1f}ms {s['itl_p99_ms']:7.1f}ms "
+        print(f"  {run.name:<30} {s['itl_p50_ms']:7.1f}ms {s['itl_p99_ms']:7.1f}ms "
               f"{s['itl_max_ms']:7.1f}ms  {engine.run_s:9.1f}s ({engine.wait_s:5.1f}s) "
               f"{api.run_s:7.1f}s  {images}")
         out["runs"][run.name] = {**s, "image_requests": len(run.image_latencies),
@@ -316,10 +323,10 @@ def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
     alone = [r.summary["itl_p99_ms"] for r in runs if not r.image_latencies]
     loaded = [r.summary["itl_p99_ms"] for r in runs if r.image_latencies]
     ratio = float(np.mean(loaded) / np.mean(alone))
-    print(f"  p99 ITL with images / text alone: {ratio:.3f} (target: no growth; the two "
-          f"text-only runs: {', '.join(f'{a:.1f}' for a in alone)} ms)")
-    loaded_cpu = next(r.cpu for r in runs if r.image_latencies)
-    print(f"  CPU s (waiting for a CPU s) in the run with images: {format_cpu(loaded_cpu)}")
+    print(f"  p99 ITL with images / text alone: {ratio:.3f}, means over the runs (target: no "
+          "growth)")
+    for run in runs:
+        print(f"  CPU s (waiting for a CPU s), {run.name}: {format_cpu(run.cpu)}")
     out["p99_ratio"] = ratio
     return out
 
@@ -346,7 +353,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the offline LLM and of the server's processes "
                         "(OMP_NUM_THREADS); default torch's own choice here")
-    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--num-requests", type=int, default=128,
+                   help="throughput requests (0: skip the throughput comparison)")
     p.add_argument("--concurrency", type=int, default=64, help="streaming HTTP clients")
     p.add_argument("--prompt-len", type=parse_range, default=(16, 256),
                    help="words (one token each) per prompt, LOW:HIGH")
@@ -358,6 +366,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--itl-streams", type=int, default=32, help="text streams (0: skip)")
     p.add_argument("--itl-prompt-len", type=parse_range, default=(16, 128))
     p.add_argument("--itl-output-len", type=parse_range, default=(192, 256))
+    p.add_argument("--itl-rounds", type=int, default=1,
+                   help="loaded runs, each followed by a text-only one (a busy machine "
+                        "needs several)")
     p.add_argument("--image-clients", type=int, default=4)
     p.add_argument("--image-variants", type=int, default=4,
                    help="distinct pictures the image clients send (each also both ways)")
@@ -401,17 +412,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
          loads: ChatWorkloads) -> dict[str, Any]:
-    requests = loads.build("throughput", args.num_requests, args.prompt_len, args.output_len,
-                           args.image_size, args.image_every)
-    warm = loads.build("warm-up", 2, (8, 16), (4, 4), (336, 400), 2)
-    texts = loads.build("itl", args.itl_streams, args.itl_prompt_len, args.itl_output_len,
-                        None, 0)
-    height, width = args.itl_image_size
-    pictures = [random_image(np.random.default_rng([args.seed, k]), height, width)
-                for k in range(args.image_variants)]
-    image_requests = [loads.request("Describe this picture.", loads.add_image(p, inline),
-                                    (height, width), 2)
-                      for p in pictures for inline in (True, False)]
+    requests, warm, texts, image_requests = _workloads(args, loads)
     longest = max(r.prompt_len + r.max_tokens for r in [*requests, *texts, *image_requests])
     options: dict[str, Any] = {
         "dtype": "float32", "max_num_seqs": args.max_num_seqs,
@@ -427,11 +428,11 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
           f"vision tower; engine options {options}; torch threads {threads} in the offline "
           f"LLM and in the server's processes (OMP_NUM_THREADS={threads})")
     sys.stdout.flush()
-    offline = run_offline(model_dir, requests, warm, options)
+    summary: dict[str, Any] = {"engine_options": options, "threads": threads}
+    offline = run_offline(model_dir, requests, warm, options) if requests else None
     gc.collect()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    summary: dict[str, Any] = {"engine_options": options, "threads": threads}
     with subprocess_at(server_command(model_dir, port, options, args.profile_api),
                        base_url + "/health", workdir / "server.log",
                        env={"OMP_NUM_THREADS": str(threads)}) as server:
@@ -440,13 +441,14 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
             raise RuntimeError("the server's engine process was not found")
         clock = CPUClock({"engine": engine, "API": server.pid, "clients": os.getpid()})
         run_async(run_closed_loop(base_url, [r.body() for r in warm], len(warm)))
-        with clock.measure() as cpu:
-            results, wall = run_async(run_closed_loop(
-                base_url, [r.body() for r in requests], args.concurrency))
-        summary["throughput"] = report_throughput(requests, offline, results, wall, cpu,
-                                                  args.concurrency, args.target)
-        sys.stdout.flush()
-        if args.itl_streams:
+        if offline is not None:
+            with clock.measure() as cpu:
+                results, wall = run_async(run_closed_loop(
+                    base_url, [r.body() for r in requests], args.concurrency))
+            summary["throughput"] = report_throughput(requests, offline, results, wall, cpu,
+                                                      args.concurrency, args.target)
+            sys.stdout.flush()
+        if texts:
             runs = run_interference(args, base_url, clock, loads, texts, image_requests,
                                     workdir)
             summary["interference"] = report_interference(
@@ -454,29 +456,65 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
     return summary
 
 
+def _workloads(args: argparse.Namespace, loads: ChatWorkloads) -> tuple[list[ChatRequest], ...]:
+    """(throughput requests, warm-up requests, ITL text streams, image-load requests)."""
+    requests = loads.build("throughput", args.num_requests, args.prompt_len, args.output_len,
+                           args.image_size, args.image_every)
+    warm = loads.build("warm-up", 2, (8, 16), (4, 4), (336, 400), 2)
+    texts = loads.build("itl", args.itl_streams, args.itl_prompt_len, args.itl_output_len,
+                        None, 0)
+    height, width = args.itl_image_size
+    pictures = [random_image(np.random.default_rng([args.seed, k]), height, width)
+                for k in range(args.image_variants)]
+    image_requests = [loads.request(_image_load_text(loads, args.block_size, (height, width)),
+                                    loads.add_image(p, inline), (height, width), 1)
+                      for p in pictures for inline in (True, False)]
+    return requests, warm, texts, image_requests
+
+
+def _image_load_text(loads: ChatWorkloads, block_size: int, size: tuple[int, int]) -> str:
+    """Words to follow the image-load requests' picture: at least 32 (so that the prefix cache
+    covers the whole image and a repeated picture needs no encoder run) and as many as make
+    the prompt one token past a block boundary (the cache then leaves just that token for the
+    engine to compute: with max_tokens 1, one token of engine work per image request)."""
+    words = loads.build("image-load", 1, (32 + block_size, 32 + block_size), (1, 1), None, 0)
+    text = words[0].messages[0]["content"][-1]["text"].split(" ")
+    for count in range(32, 32 + block_size):
+        candidate = " ".join(text[:count])
+        if loads.request(candidate, "", size, 1).prompt_len % block_size == 1:
+            return candidate
+    return " ".join(text[:32])
+
+
 def run_interference(args: argparse.Namespace, base_url: str, clock: CPUClock,
                      loads: ChatWorkloads, texts: list[ChatRequest],
                      image_requests: list[ChatRequest], workdir: Path) -> list[ITLRun]:
-    """Text alone, text beside the image load, text alone again (each with its own salt)."""
+    """Text alone, then ``--itl-rounds`` times: text beside the image load, text alone again.
+    Every run has its own salt (first word), so none reuses another's prefix cache."""
+    salts = iter(range(1, 1000))
 
-    def text_alone(name: str, salt: int) -> ITLRun:
-        bodies = [r.body(logprobs=True) for r in loads.salted(texts, salt)]
+    def text_alone(name: str) -> ITLRun:
+        bodies = [r.body(logprobs=True) for r in loads.salted(texts, next(salts))]
         with clock.measure() as cpu:
             results = run_async(run_text_streams(base_url, bodies))
         return ITLRun(name, results, cpu)
 
-    runs = [text_alone("text alone", 1)]
+    def with_images(name: str) -> ITLRun:
+        bodies = [r.body(logprobs=True) for r in loads.salted(texts, next(salts))]
+        with image_load(base_url, image_bodies, args.image_clients, workdir) as (start, load):
+            loaded_clock = CPUClock({**clock.pids, "image clients": load["pid"]})
+            with loaded_clock.measure() as cpu:
+                results = run_async(run_text_streams(base_url, bodies, start))
+        return ITLRun(name, results, cpu, load["latencies"], load["wall_s"])
+
+    runs = [text_alone("text alone")]
     image_bodies = [r.body(stream=False) for r in image_requests]
-    # Each picture once, both ways, so the loaded run finds their prefill in the cache.
+    # Each picture once, both ways, so the loaded runs find their prefill in the cache.
     run_async(run_closed_loop(base_url, [r.body() for r in image_requests], 1))
-    bodies = [r.body(logprobs=True) for r in loads.salted(texts, 2)]
-    with image_load(base_url, image_bodies, args.image_clients, workdir) as (start, result):
-        loaded_clock = CPUClock({**clock.pids, "image clients": result["pid"]})
-        with loaded_clock.measure() as cpu:
-            text_results = run_async(run_text_streams(base_url, bodies, start))
-    runs.append(ITLRun(f"with {args.image_clients} image clients", text_results, cpu,
-                       result["latencies"], result["wall_s"]))
-    runs.append(text_alone("text alone, again", 3))
+    for round_ in range(1, args.itl_rounds + 1):
+        suffix = f" ({round_})" if args.itl_rounds > 1 else ""
+        runs.append(with_images(f"with {args.image_clients} image clients{suffix}"))
+        runs.append(text_alone(f"text alone, again{suffix}"))
     return runs
 
 

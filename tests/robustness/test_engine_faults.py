@@ -17,7 +17,7 @@ from server_support import ServerProcess
 
 from caldera.engine.core_client import TEST_FAIL_AT_STEP_ENV
 
-FAIL_AT_STEP = 40
+FAIL_AT_STEP = 12
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_past_the_queue_limit_429_before_any_image_work(server, image_host, sche
 
 
 def test_sigterm_drains_requests_in_flight(server):
-    tokens = 24
+    tokens = 12
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
