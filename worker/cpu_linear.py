@@ -13,6 +13,7 @@ turns it off.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -51,13 +52,20 @@ def enabled() -> bool:
                                                                              "off")
 
 
+@functools.cache
 def supported(dtype: torch.dtype) -> bool:
-    return (
-        dtype in _PACKABLE_DTYPES
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """Whether this torch build and this CPU can pack ``dtype`` (oneDNN's bfloat16 path needs
+    AVX-512 BW/VL/DQ or AVX-NE-CONVERT: asked of the op itself, once)."""
+    if not (dtype in _PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype))
+    except RuntimeError as exc:
+        logger.info("oneDNN cannot pack %s linears on this CPU (%s)", dtype, exc)
+        return False
+    return True
 
 
 def pack_linears(model: nn.Module, dtype: torch.dtype) -> int:

@@ -42,7 +42,8 @@ def test_wire_format_is_pinned():
         new_logprobs=[Logprobs(5, -0.5, 1, [5], [-0.5])])])
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(out)) == [
         [["r", [5], "stop", 2, [{"token_id": 5, "logprob": -0.5, "rank": 1,
-                                 "top_token_ids": [5], "top_logprobs": [-0.5]}], None, 0, None]],
+                                 "top_token_ids": [5], "top_logprobs": [-0.5]}], None, 0, None,
+          None]],
         None,
         None,
     ]
