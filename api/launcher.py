@@ -3,14 +3,8 @@ cleanly: uvicorn stops accepting, the lifespan shuts the engine process down, no
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import logging
-import os
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 
@@ -21,32 +15,9 @@ from caldera.engine.config import EngineConfig
 
 logger = logging.getLogger("caldera.api")
 
-# How much nicer than the event loop the worker threads run that decode and preprocess images
-# and tokenize prompts: where no core is idle, they yield to the engine process and to the
-# event loop streaming tokens, so a burst of large images slows image requests, not every
-# running stream. No effect while a core is free.
-BACKGROUND_NICENESS = 10
-
-
-def background_executor() -> ThreadPoolExecutor:
-    """The pool ``asyncio.to_thread`` uses in the server once the engine process runs (set
-    after it starts: a child process inherits the priority of the thread that starts it)."""
-    return ThreadPoolExecutor(thread_name_prefix="caldera-background",
-                              initializer=_lower_thread_priority)
-
-
-def _lower_thread_priority() -> None:
-    if sys.platform != "linux":  # only Linux sets it per thread; elsewhere the whole process
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(nice + BACKGROUND_NICENESS, 19))
-
 
 class _Server(uvicorn.Server):
-    """Logs the one line a user needs once the socket is listening; work off the event loop
-    runs in lower-priority threads from then on."""
+    """Logs the one line a user needs once the socket is listening."""
 
     def __init__(self, config: uvicorn.Config, server_config: ServerConfig) -> None:
         super().__init__(config)
@@ -55,7 +26,6 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:
-            asyncio.get_running_loop().set_default_executor(background_executor())
             c = self.server_config
             host = f"[{c.host}]" if ":" in c.host else c.host
             logger.info("Caldera is serving %s at http://%s:%d/v1 (web page at http://%s:%d/)",

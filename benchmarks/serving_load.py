@@ -88,7 +88,7 @@ def child_pids(pid: int) -> list[int]:
 
 def engine_pid(server_pid: int) -> int | None:
     """The server's EngineCore process: its multiprocessing child that is not the resource
-    tracker."""
+    tracker (None where /proc does not tell)."""
     for pid in child_pids(server_pid):
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -112,7 +112,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {tail(log)}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
                 return
         time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s: {tail(log)}")
@@ -180,6 +180,17 @@ class StreamResult:
     def itls(self) -> list[float]:
         return list(np.diff(self.chunk_times))
 
+    def itls_within(self, start: float, end: float) -> list[float]:
+        """Intervals between chunks that both arrived in [start, end]."""
+        times = [t for t in self.chunk_times if start <= t <= end]
+        return list(np.diff(times))
+
+
+def steady_window(results: Sequence[StreamResult]) -> tuple[float, float]:
+    """From the moment every stream of a batch started at once has its first token to the
+    moment the first one has its last: no stream is in prefill then, none has left."""
+    return (max(r.chunk_times[0] for r in results), min(r.chunk_times[-1] for r in results))
+
 
 async def stream_chat(client: httpx.AsyncClient, body: bytes) -> StreamResult:
     """One streamed chat completion; chunks are timed as they arrive, before parsing. A
@@ -217,7 +228,7 @@ async def stream_chat(client: httpx.AsyncClient, body: bytes) -> StreamResult:
 
 
 def http_client(base_url: str, connections: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0),
+    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), trust_env=False,
                              limits=httpx.Limits(max_connections=connections,
                                                  max_keepalive_connections=connections))
 
@@ -290,7 +301,7 @@ def _image_load_child(spec_path: str) -> None:
     async def main() -> None:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(base_url=spec["base_url"], timeout=600.0,
-                                     limits=limits) as client:
+                                     limits=limits, trust_env=False) as client:
             print("ready", flush=True)
             await asyncio.to_thread(sys.stdin.readline)  # "go"
             threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()),

@@ -19,12 +19,15 @@ carry text).
 Interference: ``--itl-streams`` text-only streams with long outputs (and ``logprobs``, so
 that every token is a chunk, even one with no text yet) run alone, then while
 ``--image-clients`` clients (in a process of their own) keep sending 2000x1500 JPEG requests,
-half as data URLs and half from the image server, ``max_tokens`` 1; then alone again. Each run
-changes the first word of the text prompts, so no run reuses another's prefix cache. The
-image requests reuse ``--image-variants`` pictures, each sent once before the loaded run, so
-the engine's prefix cache serves their prefill and what they add is the server's fetching,
-decoding and preprocessing. Reported: p50 / p99 / max ITL of the text streams in each run and
-the ratio of the loaded run's p99 to the text-only runs' mean (target: no growth).
+half as data URLs and half from the image server, ``max_tokens`` 1; then alone again (the
+pair repeated ``--itl-rounds`` times). Each run changes the first word of the text prompts, so
+no run reuses another's prefix cache. The image requests reuse ``--image-variants`` pictures,
+each sent once before the loaded runs, and their prompts end one token past a KV block: the
+engine's prefix cache serves all but that token (no vision encoder run), so what they add is
+the server's fetching, decoding and preprocessing, and one token of engine work each.
+Reported: p50 / p99 / max ITL of the text streams in each run, over the part of it where every
+stream decodes (not the start, where their own prefill makes some wait), and the ratio of the
+loaded runs' mean p99 to the text-only runs' (target: no growth).
 
 Both sides compute with the same number of torch threads: ``--threads`` (default: torch's own
 choice here) is set in this process and passed to the server's processes as
@@ -76,6 +79,7 @@ from caldera.benchmarks.serving_load import (
     run_closed_loop,
     run_text_streams,
     server_command,
+    steady_window,
     subprocess_at,
 )
 from caldera.engine import LLM, SamplingParams
@@ -115,7 +119,7 @@ class ChatWorkloads:
 
     def __init__(self, model_dir: Path, shape: str, seed: int, image_dir: Path,
                  image_url: str) -> None:
-        self.words = WorkloadBuilder(model_dir, shape, seed)
+        self.builder = WorkloadBuilder(model_dir, shape, seed)
         self.before, self.after = PROMPT_TEMPLATES[shape]
         self.seed = seed
         self.image_dir = image_dir
@@ -140,9 +144,9 @@ class ChatWorkloads:
             content.append({"type": "image_url", "image_url": {"url": image_url}})
             prompt = "<image>\n" + text
         content.append({"type": "text", "text": text})
-        length = len(self.words.tokenizer.encode(self.before + prompt + self.after))
+        length = len(self.builder.tokenizer.encode(self.before + prompt + self.after))
         if image_size is not None:
-            length += self.words.config.num_image_tokens(image_size) - 1
+            length += self.builder.config.num_image_tokens(image_size) - 1
         return ChatRequest([{"role": "user", "content": content}], max_tokens, length)
 
     def build(self, name: str, count: int, prompt_len: tuple[int, int],
@@ -151,7 +155,7 @@ class ChatWorkloads:
         """``count`` requests; every ``image_every``-th has one image (0: none)."""
         rng = random.Random(f"{self.seed}-{name}")
         pixels = np.random.default_rng(rng.randrange(2**32))
-        words = self.words.words
+        words = self.builder.words
         requests = []
         for index in range(count):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(*prompt_len)))
@@ -166,7 +170,7 @@ class ChatWorkloads:
     def salted(self, requests: Sequence[ChatRequest], salt: int) -> list[ChatRequest]:
         """The same text requests with their first word replaced (so a run does not hit the
         prefix cache of another); lengths are unchanged, every word being one token."""
-        word = self.words.words[salt % len(self.words.words)]
+        word = self.builder.words[salt % len(self.builder.words)]
         out = []
         for r in requests:
             text = r.messages[0]["content"][-1]["text"]
@@ -227,8 +231,13 @@ def ms(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0 if len(values) else float("nan")
 
 
-def latency_summary(results: Sequence[StreamResult]) -> dict[str, float]:
-    itls = [x for r in results for x in r.itls]
+def latency_summary(results: Sequence[StreamResult], steady: bool = False) -> dict[str, float]:
+    """TTFT and ITL percentiles; ``steady``: ITL within ``steady_window`` only."""
+    if steady:
+        window = steady_window(results)
+        itls = [x for r in results for x in r.itls_within(*window)]
+    else:
+        itls = [x for r in results for x in r.itls]
     ttfts = [r.ttft for r in results]
     return {"ttft_p50_ms": ms(ttfts, 50), "ttft_p99_ms": ms(ttfts, 99),
             "itl_p50_ms": ms(itls, 50), "itl_p99_ms": ms(itls, 99),
@@ -272,18 +281,21 @@ def report_throughput(requests: Sequence[ChatRequest], offline: OfflineRun,
           f"{lat['itl_max_ms']:.1f} ms ({lat['itl_samples']} intervals)")
     print(f"  CPU s (waiting for a CPU s): offline process {offline.cpu.run_s:.1f} "
           f"({offline.cpu.wait_s:.1f}); HTTP: {format_cpu(cpu)}")
+    summary = {"description": describe(requests), "offline_tok_s": offline.tokens_per_s,
+               "offline_wall_s": offline.wall_s, "http_tok_s": http_tps, "http_wall_s": wall,
+               "ratio": ratio, "identical_texts": same, "concurrency": concurrency,
+               "offline_cpu": _cpu_json({"offline": offline.cpu}), "http_cpu": _cpu_json(cpu),
+               **lat}
     engine = cpu["engine"]
-    idle = wall - engine.run_s - engine.wait_s
-    per_cpu = (tokens / engine.run_s) / (offline.output_tokens / offline.cpu.run_s)
-    print(f"  engine process idle (no work) {idle:.1f} s of {wall:.1f} s; output tokens per "
-          f"CPU second: offline {offline.output_tokens / offline.cpu.run_s:.1f}, HTTP engine "
-          f"{tokens / engine.run_s:.1f}, ratio {per_cpu:.3f} (HTTP / offline where no "
-          "process waits for a CPU and the API has a core of its own)")
-    return {"engine_idle_s": idle, "per_cpu_ratio": per_cpu,"description": describe(requests), "offline_tok_s": offline.tokens_per_s,
-            "offline_wall_s": offline.wall_s, "http_tok_s": http_tps, "http_wall_s": wall,
-            "ratio": ratio, "identical_texts": same, "concurrency": concurrency,
-            "offline_cpu": _cpu_json({"offline": offline.cpu}), "http_cpu": _cpu_json(cpu),
-            **lat}
+    if engine.run_s > 0 and offline.cpu.run_s > 0:  # Linux scheduler statistics available
+        idle = wall - engine.run_s - engine.wait_s
+        offline_rate, engine_rate = offline.output_tokens / offline.cpu.run_s, tokens / engine.run_s
+        print(f"  engine process idle (no work) {idle:.1f} s of {wall:.1f} s; output tokens "
+              f"per CPU second: offline {offline_rate:.1f}, HTTP engine {engine_rate:.1f}, "
+              f"ratio {engine_rate / offline_rate:.3f} (HTTP / offline where no process waits "
+              "for a CPU and the API has a core of its own)")
+        summary |= {"engine_idle_s": idle, "per_cpu_ratio": engine_rate / offline_rate}
+    return summary
 
 
 @dataclass
@@ -296,14 +308,15 @@ class ITLRun:
 
     @property
     def summary(self) -> dict[str, float]:
-        return latency_summary(self.results)
+        return latency_summary(self.results, steady=True)
 
 
 def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
                         image_clients: int, image_size: tuple[int, int]) -> dict[str, Any]:
     print(f"\n== ITL of text streams, alone and beside image requests: {describe(requests)}, "
           f"all at once, with logprobs (one chunk per token); {image_clients} image clients, "
-          f"{image_size[1]}x{image_size[0]} JPEG, max_tokens 1")
+          f"{image_size[1]}x{image_size[0]} JPEG, max_tokens 1. ITL while every text stream "
+          "decodes (from the last first token to the first last token)")
     print(f"  {'run':<30} {'ITL p50':>9} {'p99':>9} {'max':>9}  {'engine CPU (waited)':>19} "
           f"{'API CPU':>8}  image requests")
     out: dict[str, Any] = {"runs": {}}
@@ -422,7 +435,7 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
     }
     if args.kv_cache_memory is not None:
         options["kv_cache_memory"] = args.kv_cache_memory
-    config = loads.words.config
+    config = loads.builder.config
     print(f"checkpoint: {args.shape} shape, {config.text.hidden_size}-wide "
           f"{config.text.num_layers}-layer language model, {config.vision.num_layers}-layer "
           f"vision tower; engine options {options}; torch threads {threads} in the offline "
@@ -436,9 +449,8 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
     with subprocess_at(server_command(model_dir, port, options, args.profile_api),
                        base_url + "/health", workdir / "server.log",
                        env={"OMP_NUM_THREADS": str(threads)}) as server:
-        engine = engine_pid(server.pid)
-        if engine is None:
-            raise RuntimeError("the server's engine process was not found")
+        # Without /proc the CPU figures read zero (pid 0 has no entry there).
+        engine = engine_pid(server.pid) or 0
         clock = CPUClock({"engine": engine, "API": server.pid, "clients": os.getpid()})
         run_async(run_closed_loop(base_url, [r.body() for r in warm], len(warm)))
         if offline is not None:

@@ -4,15 +4,11 @@ client and raw HTTP, on a tiny LLaVA-NeXT (Mistral) checkpoint."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import signal
-import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,7 +17,6 @@ from PIL import Image
 from server_support import (
     OpenAISchemas,
     ServerProcess,
-    descendants,
     image_server,
     png_bytes,
     read_metrics,
@@ -370,30 +365,6 @@ def test_disconnects_abort_and_free_every_block(server, http, schemas):
     assert m["caldera_kv_cache_usage_perc"] == 0
     assert m["caldera_num_requests_in_flight"] == 0
     _chat(http, schemas, messages=[{"role": "user", "content": "after"}])
-
-
-def _nice_values(pid: int) -> dict[int, int]:
-    """Thread id -> nice value, for every thread of ``pid``."""
-    values = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            values[int(task.name)] = int(
-                (task / "stat").read_text().rsplit(")", 1)[1].split()[16])
-    return values
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are per thread on Linux")
-def test_image_work_runs_at_lower_priority_than_engine_and_event_loop(server, http, schemas,
-                                                                       media):
-    _chat(http, schemas, messages=_image_message(media["url"]))  # decoded off the event loop
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    api = server.proc.pid
-    threads = _nice_values(api)
-    assert threads[api] == own  # the event loop
-    assert min(own + 10, 19) in threads.values()  # the image and tokenizer threads
-    engines = [p for p in descendants(api)
-               if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert engines and all(set(_nice_values(p).values()) == {own} for p in engines)
 
 
 def test_metrics_after_known_traffic(http, schemas, media):
