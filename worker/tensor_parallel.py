@@ -179,9 +179,8 @@ class RowParallelLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rows ``[start, stop)`` of the (padded) vocabulary; each rank embeds the ids it holds,
-    zeros the others, and the sum over the ranks is the full lookup."""
+class _VocabShard(nn.Module):
+    """Rows ``[start, stop)`` of the vocabulary, padded to a multiple of the rank count."""
 
     def __init__(self, vocab_size: int, hidden_size: int, group: TensorParallelGroup) -> None:
         super().__init__()
@@ -199,6 +198,11 @@ class VocabParallelEmbedding(nn.Module):
         _check_shape(name, view, (self.vocab_size, self.weight.shape[1]))
         self.weight = _materialise(_padded_rows(view, self.start, self.stop, self.vocab_size),
                                    dtype, device)
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """Each rank embeds the ids it holds, zeros the others, and the sum over the ranks is the
+    full lookup."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         outside = (input_ids < self.start) | (input_ids >= self.stop)
@@ -207,26 +211,9 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(embeds)
 
 
-class ParallelLMHead(nn.Module):
-    """Logits of vocabulary rows ``[start, stop)``; the full logits ``[R, vocab_size]`` are
+class ParallelLMHead(_VocabShard):
+    """Logits of this rank's vocabulary rows; the full logits ``[R, vocab_size]`` are
     gathered on rank 0, and the other ranks get None (only rank 0 samples)."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, group: TensorParallelGroup) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.group = group
-        padded = -(-vocab_size // group.world_size) * group.world_size
-        self.start, self.stop = _even_share(padded, group.rank, group.world_size)
-        self.weight = nn.Parameter(torch.empty(self.stop - self.start, hidden_size))
-
-    def weight_names(self) -> set[str]:
-        return {"weight"}
-
-    def load_weight(self, name: str, view: TensorView, dtype: torch.dtype,
-                    device: torch.device) -> None:
-        _check_shape(name, view, (self.vocab_size, self.weight.shape[1]))
-        self.weight = _materialise(_padded_rows(view, self.start, self.stop, self.vocab_size),
-                                   dtype, device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.group.gather(F.linear(hidden, self.weight), dim=-1)
