@@ -84,7 +84,9 @@ def test_past_the_queue_limit_429_before_any_image_work(server, image_host, sche
 
 
 def test_sigterm_drains_requests_in_flight(server):
-    tokens = 12
+    # Long enough that the first two are still running when the last two are queued: the
+    # test waits for all four to be in flight before it signals.
+    tokens = 160
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
