@@ -11,13 +11,15 @@ Both engines decode the same batch of greedy requests on the bench model shape. 
   (sending the step to the ranks through the compiled graph, and rank 0's tokens back).
 
 A second table times the transport alone (two echo actors, no model) for the same scheduler
-output: one write into a compiled graph, versus ``ray.put`` and one actor call per rank.
+output: one write of its pickled bytes into a compiled graph (as the executor sends it), versus
+``ray.put`` and one actor call per rank.
 Medians over the timed steps; ranks run one torch thread each (``--threads`` sets TP=1's).
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import statistics
 import tempfile
 import time
@@ -79,7 +81,9 @@ class _Echo:
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
-    def step(self, step: tuple) -> int | None:
+    def step(self, step: tuple | bytes) -> int | None:
+        if isinstance(step, bytes):  # as the executor sends it
+            step = pickle.loads(step)
         return len(step[0].num_scheduled_tokens) if self.rank == 0 else None
 
 
@@ -102,7 +106,7 @@ def run_transport(scheduler_output: SchedulerOutput, rounds: int) -> dict[str, f
     try:
         for _ in range(rounds):
             start = time.perf_counter()
-            ray.get(graph.execute(step), timeout=-1)
+            ray.get(graph.execute(pickle.dumps(step, pickle.HIGHEST_PROTOCOL)), timeout=-1)
             compiled.append(time.perf_counter() - start)
     finally:
         graph.teardown()

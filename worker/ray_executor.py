@@ -14,7 +14,8 @@ Start-up::
 Each step the driver writes ``(scheduler output, tokens sampled in the previous step)`` once
 into the compiled graph's input channel and every rank reads it from there; rank 0 samples and
 returns the step's output, the other ranks return None and append rank 0's tokens at the start
-of the next step (so no collective is spent telling them).
+of the next step (so no collective is spent telling them). Both directions cross as pickled
+bytes: Ray's own serializer costs about 0.3 ms more per step on the step's dataclasses.
 
 A thread pings every rank each second (the actors answer pings from their own thread, even
 mid-step); a dead rank is reported by ``check_health`` and by the next ``execute_model``, with
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -118,9 +120,10 @@ class RayWorker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
-    def execute_model(self, step: Step) -> ModelRunnerOutput | None:
-        scheduler_output, previous = step
+    def execute_model(self, payload: bytes) -> bytes | None:
+        """One step: the pickled ``Step`` in, rank 0's pickled output back."""
         start = time.perf_counter()
+        scheduler_output, previous = pickle.loads(payload)
         collectives = self.worker.group.collective_seconds
         try:
             if previous is not None and self.rank > 0:
@@ -133,7 +136,7 @@ class RayWorker:
         self.times.steps += 1
         self.times.step_seconds += time.perf_counter() - start
         self.times.collective_seconds += self.worker.group.collective_seconds - collectives
-        return output
+        return None if output is None else pickle.dumps(output, pickle.HIGHEST_PROTOCOL)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> None:
@@ -251,10 +254,11 @@ class RayExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.check_health()
         try:
-            outputs = ray.get(self._graph.execute((scheduler_output, self._previous)), timeout=-1)
+            payload = pickle.dumps((scheduler_output, self._previous), pickle.HIGHEST_PROTOCOL)
+            outputs = ray.get(self._graph.execute(payload), timeout=-1)
         except RayError as exc:
             raise self._fail(self._step_failure(exc)) from None
-        output = outputs[0]
+        output: ModelRunnerOutput = pickle.loads(outputs[0])
         self._previous = (output.req_ids, output.sampled_token_ids)
         return output
 
