@@ -157,6 +157,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-origins", nargs="+", action="extend", default=[],
                    help="origins allowed by CORS (browsers on other sites)")
     g.add_argument("--no-ui", dest="ui", action="store_false", help="do not serve the web page")
+    g.add_argument("--image-workers", type=int,
+                   help="processes that decode and preprocess images (default: one per four "
+                   "cores, 1 to 4; 0: threads of the API process)")
     g.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -186,6 +189,7 @@ def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
         max_image_bytes=parse_bytes(args.max_image_bytes),
         max_image_pixels=args.max_image_pixels,
         allowed_origins=tuple(args.allowed_origins), ui=args.ui,
+        **({} if args.image_workers is None else {"image_workers": args.image_workers}),
     )
     return server, EngineConfig(**_engine_config_options(options))
 

@@ -3,9 +3,16 @@ by the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 from caldera.engine.media import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S
+
+
+def default_image_workers() -> int:
+    """One image process per four cores, at least one, at most four."""
+    return min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +32,8 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     allowed_origins: tuple[str, ...] = ()
     ui: bool = True
+    # Processes that decode and preprocess images (0: threads of the API process instead).
+    image_workers: int = dataclasses.field(default_factory=default_image_workers)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -37,6 +46,8 @@ class ServerConfig:
                 or self.max_image_pixels <= 0:
             raise ValueError("--media-fetch-timeout, --max-image-bytes and --max-image-pixels "
                              "must be positive")
+        if self.image_workers < 0:
+            raise ValueError("--image-workers must be >= 0")
 
     @property
     def max_body_bytes(self) -> int:

@@ -4,7 +4,7 @@ Names follow Prometheus conventions: ``caldera_`` prefix, base units (seconds), 
 counters. Engine-side numbers (running/waiting requests, KV cache, prefix cache, preemptions,
 vision encoder) arrive with each engine step; request-side ones (latencies, token counts,
 finish reasons, image loading) are recorded here as requests progress. Beyond what other
-engines export: images and image tokens per request, image fetch+decode and preprocessing
+engines export: images and image tokens per request, image fetch, decode and preprocessing
 seconds, vision encoder seconds and encoder cache hits.
 """
 
@@ -75,12 +75,14 @@ class Metrics:
         self.images = histogram("caldera_request_images", "Images per request.", _IMAGES)
         self.image_tokens = histogram("caldera_request_image_tokens",
                                       "Image tokens per request.", _TOKENS)
-        self.image_load = histogram("caldera_image_fetch_decode_seconds",
-                                    "Time to fetch (or read) and decode a request's images.",
-                                    _MEDIA)
+        self.image_fetch = histogram("caldera_image_fetch_seconds",
+                                     "Time to fetch (or read) a request's images, all of "
+                                     "them, concurrently.", _MEDIA)
+        self.image_decode = histogram("caldera_image_decode_seconds",
+                                      "Time to decode one image.", _MEDIA)
         self.image_preprocess = histogram("caldera_image_preprocess_seconds",
-                                          "Time to tokenize a prompt and preprocess its "
-                                          "images.", _MEDIA)
+                                          "Time to preprocess one image (resize, tiles, "
+                                          "normalisation, content hash).", _MEDIA)
         self.encoder_time = counter("caldera_vision_encoder_seconds",
                                     "Time spent in the vision tower and projector.")
         self.encoder_runs = counter("caldera_vision_encoder_images",
@@ -153,11 +155,12 @@ class Metrics:
         self.images.observe(count)
         self.image_tokens.observe(tokens)
 
-    def observe_image_load(self, seconds: float, count: int) -> None:
-        self.image_load.observe(seconds)
+    def observe_image_fetch(self, seconds: float) -> None:
+        self.image_fetch.observe(seconds)
 
-    def observe_image_preprocess(self, seconds: float) -> None:
-        self.image_preprocess.observe(seconds)
+    def observe_image_prepared(self, decode_seconds: float, preprocess_seconds: float) -> None:
+        self.image_decode.observe(decode_seconds)
+        self.image_preprocess.observe(preprocess_seconds)
 
     def on_request_aborted(self, request_id: str) -> None:
         """A request that ended without finishing (client gone): forget its token state."""

@@ -7,6 +7,7 @@ nothing a client sends becomes a 500.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -46,6 +47,7 @@ from caldera.api.serving import (
 from caldera.engine.async_llm import AsyncLLM
 from caldera.engine.chat_template import ChatTemplateError
 from caldera.engine.config import EngineConfig
+from caldera.engine.image_pool import ImagePool
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +101,15 @@ def create_app(server_config: ServerConfig, engine_config: EngineConfig) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         llm = await AsyncLLM.start(engine_config, stat_loggers=[metrics])
         http = httpx.AsyncClient()
-        state["ctx"] = ServingContext(llm, server_config, metrics, http, time.time())
+        images = ImagePool(llm.processor.image_processor.config, server_config.image_workers,
+                           server_config.max_image_pixels)
+        state["ctx"] = ServingContext(llm, server_config, metrics, http, images, time.time())
         try:
             yield
         finally:
             await llm.shutdown()
             await http.aclose()
+            await asyncio.to_thread(images.shutdown)
 
     app = FastAPI(title="Caldera", version=VERSION, lifespan=lifespan, docs_url="/docs",
                   redoc_url=None)

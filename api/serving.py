@@ -1,17 +1,17 @@
-"""What chat and legacy completions share: the serving context, image loading with limits and
-timings, logprob formatting, usage, SSE framing and running a request to its end."""
+"""What chat and legacy completions share: the serving context, prompts with their images
+(fetched within limits, prepared in the image pool, timed), logprob formatting, usage, SSE
+framing and running a request to its end."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import msgspec
-from PIL import Image
 
 from caldera.api.config import ServerConfig
 from caldera.api.errors import APIError, bad_request
@@ -26,9 +26,10 @@ from caldera.api.protocol import (
 )
 from caldera.engine.async_llm import AsyncLLM
 from caldera.engine.core_client import EngineDeadError
-from caldera.engine.media import MediaError, MediaTooLargeError, load_image_async
+from caldera.engine.image_pool import ImagePool
+from caldera.engine.media import MediaError, MediaLimits, MediaTooLargeError, read_image_async
 from caldera.engine.outputs import Logprob, RequestOutput
-from caldera.engine.processor import ProcessedPrompt
+from caldera.engine.processor import ProcessedPrompt, PromptError
 from caldera.engine.sampling_params import SamplingParams
 from caldera.engine.tokenizer import Tokenizer
 
@@ -43,7 +44,16 @@ class ServingContext:
     config: ServerConfig
     metrics: Metrics
     http: httpx.AsyncClient
+    images: ImagePool
     started: float = 0.0
+    media_limits: MediaLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.media_limits = MediaLimits(
+            max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+            timeout=config.media_fetch_timeout, allow_private=config.allow_private_media_urls,
+            allowed_local_paths=config.allowed_local_media_paths)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -57,44 +67,36 @@ class ServingContext:
 # ---- images ------------------------------------------------------------------------------
 
 
-async def load_images(ctx: ServingContext, sources: Sequence[Any]) -> list[Image.Image]:
-    """Fetches/decodes a request's images concurrently; limits checked before decoding."""
+async def prepare_prompt(ctx: ServingContext, prompt: str, sources: Sequence[Any],
+                         details: Sequence[str] | None) -> ProcessedPrompt:
+    """Tokenization with its ``<image>`` count check first (cheap), then every image fetched
+    concurrently, then decoded and preprocessed in the image pool (off the event loop and,
+    with image workers, out of this process)."""
     limit = ctx.config.limit_images_per_prompt
     if len(sources) > limit:
         raise bad_request(f"the request has {len(sources)} images; this server takes at most "
                           f"{limit} per prompt (--limit-images-per-prompt)", param="messages")
-    started = time.monotonic()
+    processor = ctx.llm.processor
     try:
-        images = await asyncio.gather(*(
-            load_image_async(
-                source,
-                allowed_local_paths=ctx.config.allowed_local_media_paths,
-                max_bytes=ctx.config.max_image_bytes,
-                max_pixels=ctx.config.max_image_pixels,
-                timeout=ctx.config.media_fetch_timeout,
-                allow_private=ctx.config.allow_private_media_urls,
-                client=ctx.http,
-            )
-            for source in sources
-        ))
+        token_ids = await asyncio.to_thread(processor.tokenize, prompt, len(sources), details)
+        if not sources:
+            return processor.assemble(prompt, token_ids, [])
+        started = time.monotonic()
+        data = await asyncio.gather(*(read_image_async(s, ctx.media_limits, ctx.http)
+                                      for s in sources))
+        ctx.metrics.observe_image_fetch(time.monotonic() - started)
+        results = await asyncio.gather(*(
+            ctx.images.prepare(d, base_only)
+            for d, base_only in zip(data, processor.base_only(details, len(sources)))))
+    except PromptError as exc:
+        raise bad_request(str(exc), param="messages") from None
     except MediaTooLargeError as exc:
         raise APIError(413, str(exc), param="messages", code="image_too_large") from None
     except MediaError as exc:
         raise bad_request(str(exc), param="messages", code="invalid_image") from None
-    if sources:
-        ctx.metrics.observe_image_load(time.monotonic() - started, len(sources))
-    return list(images)
-
-
-async def preprocess(ctx: ServingContext, prompt: str, images: Sequence[Image.Image],
-                     details: Sequence[str] | None) -> ProcessedPrompt:
-    """Tokenization and pixel preprocessing, off the event loop."""
-    started = time.monotonic()
-    processor = ctx.llm.processor
-    processed = await asyncio.to_thread(processor.process_loaded, prompt, list(images), details)
-    if images:
-        ctx.metrics.observe_image_preprocess(time.monotonic() - started)
-    return processed
+    for result in results:
+        ctx.metrics.observe_image_prepared(result.decode_seconds, result.preprocess_seconds)
+    return processor.assemble(prompt, token_ids, [r.image for r in results])
 
 
 def image_token_count(processed: ProcessedPrompt) -> int:

@@ -27,8 +27,7 @@ from caldera.api.serving import (
     finish_reason,
     generate,
     image_token_count,
-    load_images,
-    preprocess,
+    prepare_prompt,
     sse,
     sse_error,
     usage,
@@ -87,11 +86,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Prepa
             messages, add_generation_prompt=req.add_generation_prompt, **template_kwargs)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), param="messages") from None
-    images = await load_images(ctx, rendered.image_sources)
-    try:
-        processed = await preprocess(ctx, rendered.text, images, rendered.image_details)
-    except PromptError as exc:
-        raise bad_request(str(exc), param="messages") from None
+    processed = await prepare_prompt(ctx, rendered.text, rendered.image_sources,
+                                     rendered.image_details)
     try:
         ctx.llm.check_prompt(processed, params)
     except PromptError as exc:

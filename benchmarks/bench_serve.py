@@ -47,10 +47,11 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+WARMUP_SEED_OFFSET = 1_000_003
 ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2))
 _WORDS = (
     "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are",
@@ -269,9 +270,11 @@ def arrival_times(n: int, rate: float, rng: random.Random) -> list[float]:
 
 
 async def run(target: Target, dataset: Sequence[BenchRequest], request_rate: float,
-              max_concurrency: int | None, seed: int, timeout: float, warmup: int,
-              progress: bool) -> tuple[list[RequestResult], float]:
-    """Sends ``dataset``; returns each request's result and the run's duration in seconds."""
+              max_concurrency: int | None, seed: int, timeout: float,
+              warmup: Sequence[BenchRequest], progress: bool
+              ) -> tuple[list[RequestResult], float]:
+    """Sends ``warmup`` one by one, untimed, then ``dataset``; returns each request's result
+    and the run's duration in seconds."""
     import httpx
 
     limit = max_concurrency or len(dataset)
@@ -280,7 +283,7 @@ async def run(target: Target, dataset: Sequence[BenchRequest], request_rate: flo
     async with httpx.AsyncClient(base_url=target.base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(timeout, connect=60),
                                  trust_env=False) as client:
-        for request in dataset[:warmup]:
+        for request in warmup:
             warm = await send_request(client, target, request, time.perf_counter())
             if not warm.ok:
                 raise ValueError(f"the warm-up request to {target.base_url}{target.endpoint} "
@@ -477,7 +480,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--plot", help="draw latency distributions and throughput into this PNG")
     o.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     o.add_argument("--warmup-requests", type=int, default=1,
-                   help="requests sent (and not counted) before the run")
+                   help="requests of their own sent one by one, not counted, before the run")
     o.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
     return p
@@ -517,9 +520,14 @@ def main(args: argparse.Namespace) -> int:
     target = Target(base_url, args.endpoint, model, args.api_key, args.temperature,
                     args.ignore_eos)
     dataset = build_dataset(spec)
+    # Warm-up requests of their own (another seed): none of the timed requests' images or
+    # prompts is in a server cache before it is sent.
+    warmup = build_dataset(replace(spec, num_prompts=args.warmup_requests,
+                                   seed=spec.seed + WARMUP_SEED_OFFSET)) \
+        if args.warmup_requests > 0 else []
     results, duration = asyncio.run(run(
         target, dataset, args.request_rate, args.max_concurrency, args.seed, args.timeout,
-        min(args.warmup_requests, len(dataset)), not args.disable_tqdm))
+        warmup, not args.disable_tqdm))
     summary = summarize(results, duration)
     print_summary(summary)
     report = {

@@ -86,15 +86,26 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def engine_pid(server_pid: int) -> int | None:
-    """The server's EngineCore process: its multiprocessing child that is not the resource
-    tracker (None where /proc does not tell)."""
+def spawned_children(server_pid: int) -> list[int]:
+    """The server's multiprocessing children (not the resource tracker), oldest first: the
+    EngineCore process, then the image workers."""
+    children = []
     for pid in child_pids(server_pid):
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline:
-                return pid
-    return None
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                children.append((int(stat[19]), pid))  # field 22: start time
+    return [pid for _, pid in sorted(children)]
+
+
+def engine_pid(server_pid: int) -> int | None:
+    """The server's EngineCore process (None where /proc does not tell)."""
+    children = spawned_children(server_pid)
+    return children[0] if children else None
+
+
+def image_worker_pids(server_pid: int) -> list[int]:
+    return spawned_children(server_pid)[1:]
 
 
 # ==== processes: the server and the image server =============================================

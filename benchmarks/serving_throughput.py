@@ -75,6 +75,7 @@ from caldera.benchmarks.serving_load import (
     format_cpu,
     free_port,
     image_load,
+    image_worker_pids,
     run_async,
     run_closed_loop,
     run_text_streams,
@@ -451,7 +452,10 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
                        env={"OMP_NUM_THREADS": str(threads)}) as server:
         # Without /proc the CPU figures read zero (pid 0 has no entry there).
         engine = engine_pid(server.pid) or 0
-        clock = CPUClock({"engine": engine, "API": server.pid, "clients": os.getpid()})
+        workers = {f"image worker {i}": pid
+                   for i, pid in enumerate(image_worker_pids(server.pid), 1)}
+        clock = CPUClock({"engine": engine, "API": server.pid, **workers,
+                          "clients": os.getpid()})
         run_async(run_closed_loop(base_url, [r.body() for r in warm], len(warm)))
         if offline is not None:
             with clock.measure() as cpu:

@@ -151,14 +151,23 @@ async def load_image_async(
     if isinstance(source, PIL.Image.Image):
         return source
     limits = _merged(limits, allowed_local_paths, max_bytes, max_pixels, timeout, allow_private)
+    data = await read_image_async(source, limits, client)
+    return await asyncio.to_thread(decode_image, data, max_pixels=limits.max_pixels)
+
+
+async def read_image_async(
+    source: str | bytes | bytearray | memoryview | os.PathLike,
+    limits: MediaLimits,
+    client: httpx.AsyncClient | None = None,
+) -> bytes:
+    """The encoded bytes of an image source, undecoded: an http(s) URL fetched on the event
+    loop, a ``data:`` URL, raw base64, raw bytes or an allowed local path read in a thread."""
     url = _http_url(source)
     if url is None:
-        data = await asyncio.to_thread(
+        return await asyncio.to_thread(
             _read_local_source, source, limits.allowed_local_paths, limits.max_bytes
         )
-    else:
-        data = await _fetch_async(url, limits, client)
-    return await asyncio.to_thread(decode_image, data, max_pixels=limits.max_pixels)
+    return await _fetch_async(url, limits, client)
 
 
 def _merged(

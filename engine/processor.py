@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from caldera.engine.chat_template import IMAGE_DETAILS, ChatTemplate
-from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig
+from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig, ProcessedImage
 from caldera.engine.media import image_content_hash, load_image
 from caldera.engine.tokenizer import Tokenizer
 from caldera.scheduler.output import ImageFeature
@@ -36,6 +36,24 @@ class ProcessedPrompt:
     prompt: str
     token_ids: list[int]
     images: list[ImageFeature] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One decoded image preprocessed for the vision tower, with its content hash."""
+
+    processed: ProcessedImage
+    identifier: str
+
+
+def prepare_image(processor: ImageProcessor, image: Image.Image, base_only: bool) -> PreparedImage:
+    """Preprocessing and the content hash of one image. A low-detail image gets its own hash:
+    it encodes to other embeddings than the same pixels at full detail."""
+    processed = processor.preprocess(image, base_only=base_only)
+    identifier = image_content_hash(image)
+    if processed.base_only:
+        identifier += ":base"
+    return PreparedImage(processed, identifier)
 
 
 class InputProcessor:
@@ -91,31 +109,44 @@ class InputProcessor:
     ) -> ProcessedPrompt:
         """``details``: one of "auto", "low", "high" per image, in order (None: all "auto").
         "low" gives a LLaVA-NeXT image its base tile only; LLaVA 1.5 ignores it."""
-        self._check_details(details, len(images))
+        token_ids = self.tokenize(prompt, len(images), details)
+        prepared = [prepare_image(self.image_processor, image, base_only)
+                    for image, base_only in zip(images, self.base_only(details, len(images)))]
+        return self.assemble(prompt, token_ids, prepared)
+
+    def tokenize(self, prompt: str, num_images: int,
+                 details: Sequence[str] | None = None) -> list[int]:
+        """The prompt's token ids, one ``<image>`` marker per image checked (cheap: done
+        before any image is fetched or decoded)."""
+        self._check_details(details, num_images)
         token_ids = self.tokenizer.encode(prompt)
-        markers = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
-        if len(markers) != len(images):
+        markers = sum(1 for t in token_ids if t == self.image_token_id)
+        if markers != num_images:
             raise PromptError(
-                f"the prompt has {len(markers)} <image> marker(s) but {len(images)} image(s) "
+                f"the prompt has {markers} <image> marker(s) but {num_images} image(s) "
                 "were given: put one <image> in the text for each image"
             )
+        return token_ids
+
+    def base_only(self, details: Sequence[str] | None, num_images: int) -> list[bool]:
+        """Per image: whether it is seen as its base tile alone (LLaVA-NeXT at low detail)."""
+        if details is None or not self.config.is_next:
+            return [False] * num_images
+        return [detail == "low" for detail in details]
+
+    def assemble(self, prompt: str, token_ids: Sequence[int],
+                 prepared: Sequence[PreparedImage]) -> ProcessedPrompt:
+        """Each marker of ``tokenize``'s ids expanded to its image's placeholder tokens."""
         expanded: list[int] = []
         features: list[ImageFeature] = []
         previous = 0
-        for index, (marker, image) in enumerate(zip(markers, images)):
-            base_only = self.config.is_next and details is not None and details[index] == "low"
-            processed = self.image_processor.preprocess(image, base_only=base_only)
+        markers = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
+        for marker, image in zip(markers, prepared, strict=True):
+            processed = image.processed
             count = self.config.num_image_tokens(processed.image_size, processed.base_only)
-            identifier = image_content_hash(image)
-            if processed.base_only:  # other embeddings than the same pixels at full detail
-                identifier += ":base"
             expanded.extend(token_ids[previous:marker])
-            features.append(ImageFeature(
-                identifier=identifier,
-                offset=len(expanded),
-                length=count,
-                data=processed,
-            ))
+            features.append(ImageFeature(identifier=image.identifier, offset=len(expanded),
+                                         length=count, data=processed))
             expanded.extend([self.image_token_id] * count)
             previous = marker + 1
         expanded.extend(token_ids[previous:])

@@ -383,7 +383,8 @@ def test_metrics_after_known_traffic(http, schemas, media):
     assert delta("caldera_inter_token_latency_seconds_count") == 8
     assert delta("caldera_request_images_sum") == 2
     assert delta("caldera_request_image_tokens_sum") > 2 * 576
-    assert delta("caldera_image_fetch_decode_seconds_count") == 2
+    assert delta("caldera_image_fetch_seconds_count") == 2  # per request
+    assert delta("caldera_image_decode_seconds_count") == 2  # per image
     assert delta("caldera_image_preprocess_seconds_count") == 2
     # The same image twice: encoded once, then served from the encoder or prefix cache.
     assert delta("caldera_encoder_cache_hits_total") >= 1
@@ -455,7 +456,7 @@ def test_max_queued_requests_gives_429_before_image_work(next_mistral_dir, tmp_p
             assert r.status_code == 429, r.text
             assert r.headers["retry-after"]
             assert r.json()["error"]["type"] == "rate_limit_error"
-            assert read_metrics(c)["caldera_image_fetch_decode_seconds_count"] == 0
+            assert read_metrics(c)["caldera_image_fetch_seconds_count"] == 0
         for t in threads:
             t.join()
         assert results == [200, 200]

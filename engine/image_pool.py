@@ -1,0 +1,154 @@
+"""ImagePool: image decoding and preprocessing in worker processes.
+
+The server's event loop streams every response; a 2000x1500 JPEG costs about 80 ms of CPU to
+decode, resize, normalise and hash. In a thread of the API process that work holds the
+interpreter lock for most of those 80 ms and the streams beside it stall. Here it runs in
+worker processes (spawned, one torch thread each, at a lower CPU priority than the engine and
+the event loop), and only the encoded bytes go in and the pixel array comes back.
+
+The workers start with the pool and load nothing but the image processor's config. With no
+workers the same work runs in threads of the calling process. When a worker dies (the kernel's
+OOM killer on a hostile image, say) the pool starts afresh and the images it held are tried
+once more; an image that kills its worker twice fails with a MediaError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig, ProcessedImage
+from caldera.engine.media import MediaError, decode_image
+from caldera.engine.processor import PreparedImage, prepare_image
+
+logger = logging.getLogger(__name__)
+
+# Added to the workers' nice value: the engine's steps and the event loop come first, image
+# work takes what CPU is left (a quarter of a contended core at +5).
+WORKER_NICENESS = 5
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """A prepared image and what its two stages took, in seconds."""
+
+    image: PreparedImage
+    decode_seconds: float
+    preprocess_seconds: float
+
+
+class ImagePool:
+    """``await pool.prepare(data, base_only)``: encoded image bytes -> PreparedImage.
+
+    ``workers`` processes; 0 runs the same work in threads of this process instead."""
+
+    def __init__(self, config: ImageProcessorConfig, workers: int, max_pixels: int) -> None:
+        if workers < 0:
+            raise ValueError(f"image workers must be >= 0, got {workers}")
+        self.config = config
+        self.workers = workers
+        self.max_pixels = max_pixels
+        self._processor = ImageProcessor(config) if workers == 0 else None
+        self._executor = self._start() if workers else None
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(self.config, self.max_pixels))
+        for _ in range(self.workers):  # spawn them now, not on the first image
+            executor.submit(_ready)
+        return executor
+
+    async def prepare(self, data: bytes, base_only: bool) -> PoolResult:
+        executor = self._executor
+        if executor is None:
+            return await asyncio.to_thread(_timed_prepare, self._processor, data, base_only,
+                                           self.max_pixels)
+        for attempt in (1, 2):  # a pool broken before (or while) holding this image: retry once
+            try:
+                future = executor.submit(_prepare, data, base_only)
+                pixels, image_size, used_base_only, identifier, decode_s, preprocess_s = \
+                    await asyncio.wrap_future(future)
+                break
+            except BrokenProcessPool:
+                executor = self._restart(executor)
+                if attempt == 2:
+                    raise MediaError("the image could not be decoded: its decoder process "
+                                     "died (out of memory?); send a smaller or simpler "
+                                     "image") from None
+        processed = ProcessedImage(torch.from_numpy(pixels), image_size, used_base_only)
+        return PoolResult(PreparedImage(processed, identifier), decode_s, preprocess_s)
+
+    def _restart(self, broken: concurrent.futures.ProcessPoolExecutor
+                 ) -> concurrent.futures.ProcessPoolExecutor:
+        if self._executor is broken:  # the first request to see it restarts it
+            logger.error("an image worker process died; starting new ones")
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._start()
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- in the worker processes ----------------------------------------------------------------
+
+_processor: ImageProcessor | None = None
+_max_pixels = 0
+
+
+def _init_worker(config: ImageProcessorConfig, max_pixels: int) -> None:
+    global _processor, _max_pixels
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    with contextlib.suppress(OSError):  # not allowed here: same priority then
+        os.nice(WORKER_NICENESS)
+    torch.set_num_threads(1)
+    _processor = ImageProcessor(config)
+    _max_pixels = max_pixels
+
+
+def _exit_with(parent: int) -> None:
+    """A worker outlives a server killed with SIGKILL otherwise (it holds its own queue's
+    write end, so it never reads EOF)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _ready() -> None:
+    pass
+
+
+def _prepare(data: bytes, base_only: bool
+             ) -> tuple[np.ndarray, tuple[int, int], bool, str, float, float]:
+    """Plain values back: a numpy array pickles by value (a tensor would go through shared
+    memory, which containers often keep small)."""
+    assert _processor is not None
+    result = _timed_prepare(_processor, data, base_only, _max_pixels)
+    processed = result.image.processed
+    return (processed.pixel_values.numpy(), processed.image_size, processed.base_only,
+            result.image.identifier, result.decode_seconds, result.preprocess_seconds)
+
+
+def _timed_prepare(processor: ImageProcessor, data: bytes, base_only: bool,
+                   max_pixels: int) -> PoolResult:
+    start = time.perf_counter()
+    image = decode_image(data, max_pixels=max_pixels)
+    decoded = time.perf_counter()
+    prepared = prepare_image(processor, image, base_only)
+    return PoolResult(prepared, decoded - start, time.perf_counter() - decoded)
