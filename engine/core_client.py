@@ -29,6 +29,7 @@ from caldera.engine.messages import (
     Ready,
     Shutdown,
 )
+from caldera.engine.parent_watch import exit_when_orphaned
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def with_ray_context(config: EngineConfig) -> EngineConfig:
 
 def run_engine_core(config_bytes: bytes, eos_token_id: int | None, conn) -> None:
     """Body of the engine process: load, say Ready, then loop commands and steps."""
+    exit_when_orphaned()
     encoder = msgspec.msgpack.Encoder()
     commands = msgspec.msgpack.Decoder(Command)
     try:

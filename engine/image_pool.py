@@ -21,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 
 from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig, ProcessedImage
 from caldera.engine.media import MediaError, decode_image
+from caldera.engine.parent_watch import exit_when_orphaned
 from caldera.engine.processor import PreparedImage, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -112,22 +112,13 @@ _max_pixels = 0
 
 def _init_worker(config: ImageProcessorConfig, max_pixels: int) -> None:
     global _processor, _max_pixels
-    parent = os.getppid()
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    exit_when_orphaned()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     with contextlib.suppress(OSError):  # not allowed here: same priority then
         os.nice(WORKER_NICENESS)
     torch.set_num_threads(1)
     _processor = ImageProcessor(config)
     _max_pixels = max_pixels
-
-
-def _exit_with(parent: int) -> None:
-    """A worker outlives a server killed with SIGKILL otherwise (it holds its own queue's
-    write end, so it never reads EOF)."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
 
 
 def _ready() -> None:

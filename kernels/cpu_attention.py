@@ -74,6 +74,8 @@ def load() -> bool:
     if not enabled():
         return False
     try:
+        import fcntl
+
         from torch.utils import cpp_extension
 
         _ensure_ninja_on_path()
@@ -82,15 +84,22 @@ def load() -> bool:
         if not any(directory.glob("*.so")):
             logger.info("compiling the C++ CPU attention op for this CPU (once; about 10-30 s) "
                         "into %s", directory)
-        cpp_extension.load(
-            name="caldera_cpu_attention",
-            sources=[str(_SOURCE)],
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        # torch guards the build with a lock file that a process killed mid-load leaves
+        # behind, and every later load then waits for it forever. Our own lock is released
+        # by the kernel when its holder dies; holding it, any torch lock file is such a
+        # leftover and goes.
+        with open(directory / ".caldera-load.lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (directory / "lock").unlink(missing_ok=True)
+            cpp_extension.load(
+                name="caldera_cpu_attention",
+                sources=[str(_SOURCE)],
+                extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, no ninja, a failed build: keep the torch path
         logger.warning(
             "the C++ CPU attention op could not be built (%s: %s); using the slower torch "

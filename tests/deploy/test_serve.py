@@ -4,12 +4,15 @@ metrics reach the Ray metrics agent's endpoint. Also the application's arguments
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from server_support import free_port
 
@@ -75,6 +78,15 @@ def test_two_replicas_answer_chat_through_the_openai_client(serve_url, ray_runti
     assert streamed == answers[0]
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
+    # An image, decoded and preprocessed by the replica's image worker process.
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 120, 200)).save(image, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(image.getvalue()).decode()
+    completion = client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "What is it?"}]}])
+    assert completion.usage.prompt_tokens > 576  # the image's tokens and the text's
+
     # Each replica's counters, labelled by replica, at the node's Ray metrics endpoint.
     node = ray_runtime.nodes()[0]
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
@@ -82,10 +94,10 @@ def test_two_replicas_answer_chat_through_the_openai_client(serve_url, ray_runti
     while True:
         finished = _replica_sums(httpx.get(url, timeout=10).text,
                                  "ray_caldera_request_success_total")
-        if sum(finished.values()) == 7 or time.monotonic() > deadline:
+        if sum(finished.values()) == 8 or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert sum(finished.values()) == 7, finished
+    assert sum(finished.values()) == 8, finished
     assert {(app, deployment) for app, deployment, _ in finished} == {(APP, "Caldera")}
 
 

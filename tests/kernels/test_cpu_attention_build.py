@@ -46,3 +46,16 @@ def test_turned_off(tmp_path):
     done = _run(tmp_path, CALDERA_CPU_KERNELS="0")
     assert "loaded False" in done.stdout and "ok" in done.stdout
     assert "could not be built" not in done.stderr
+
+
+def test_a_lock_left_by_a_killed_load_does_not_block(tmp_path):
+    """torch's build lock file, left behind by a process killed while loading the op, would
+    make every later load wait forever."""
+    first = _run(tmp_path)  # builds into the cache (or fails to where there is no compiler)
+    loaded = "loaded True" in first.stdout
+    (build,) = (tmp_path / "kernels").iterdir()
+    (build / "lock").touch()
+    again = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, timeout=120,
+        env={**os.environ, "CALDERA_CACHE": str(tmp_path)})
+    assert ("loaded True" in again.stdout) == loaded and "ok" in again.stdout
