@@ -11,7 +11,7 @@ http(s) URLs are fetched as a public server must (see ``_fetch_async``): hosts t
 resolve to loopback, private, link-local and other non-public addresses are refused unless
 ``allow_private`` is set, redirects are followed here (at most ``MAX_REDIRECTS``) with each hop
 checked again, and the connection goes to the very address that was checked. Private
-addresses are refused by default in ``load_image`` as in ``read_image_async``: one function
+addresses are refused by default in ``load_image`` as in ``load_image_async``: one function
 must not be safe or unsafe depending on how it is called. The offline ``LLM`` opts in, as its
 caller is the operator; the server only with ``--allow-private-media-urls``.
 """
@@ -132,6 +132,27 @@ def load_image(
     else:
         data = _read_local_source(source, limits.allowed_local_paths, limits.max_bytes)
     return decode_image(data, max_pixels=limits.max_pixels)
+
+
+async def load_image_async(
+    source: ImageSource,
+    limits: MediaLimits | None = None,
+    *,
+    allowed_local_paths: Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
+    timeout: float | None = None,
+    allow_private: bool | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> PIL.Image.Image:
+    """``load_image`` for the event loop: URLs are fetched with httpx.AsyncClient (names
+    resolved with the loop's getaddrinfo), and reading files, base64 decoding and image
+    decoding run in a worker thread."""
+    if isinstance(source, PIL.Image.Image):
+        return source
+    limits = _merged(limits, allowed_local_paths, max_bytes, max_pixels, timeout, allow_private)
+    data = await read_image_async(source, limits, client)
+    return await asyncio.to_thread(decode_image, data, max_pixels=limits.max_pixels)
 
 
 async def read_image_async(
