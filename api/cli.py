@@ -160,6 +160,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--image-workers", type=int,
                    help="processes that decode and preprocess images (default: one per four "
                    "cores, 1 to 4; 0: threads of the API process)")
+    g.add_argument("--image-cache", default="512MiB",
+                   help="room for images sent again, kept decoded and preprocessed (keyed by "
+                   "their bytes), e.g. 2GiB; 0: decode every image")
     g.add_argument("--uvicorn-log-level", default="warning")
 
 
@@ -189,6 +192,7 @@ def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
         max_image_bytes=parse_bytes(args.max_image_bytes),
         max_image_pixels=args.max_image_pixels,
         allowed_origins=tuple(args.allowed_origins), ui=args.ui,
+        image_cache_bytes=parse_bytes(args.image_cache),
         **({} if args.image_workers is None else {"image_workers": args.image_workers}),
     )
     return server, EngineConfig(**_engine_config_options(options))

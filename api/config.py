@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from caldera.engine.image_pool import DEFAULT_CACHE_BYTES
 from caldera.engine.media import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S
 
 
@@ -34,6 +35,8 @@ class ServerConfig:
     ui: bool = True
     # Processes that decode and preprocess images (0: threads of the API process instead).
     image_workers: int = dataclasses.field(default_factory=default_image_workers)
+    # Room for prepared images sent again (pixel values, bytes); 0: every image is decoded.
+    image_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -48,6 +51,8 @@ class ServerConfig:
                              "must be positive")
         if self.image_workers < 0:
             raise ValueError("--image-workers must be >= 0")
+        if self.image_cache_bytes < 0:
+            raise ValueError("--image-cache must be >= 0")
 
     @property
     def max_body_bytes(self) -> int:

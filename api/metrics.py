@@ -83,6 +83,9 @@ class Metrics:
         self.image_preprocess = histogram("caldera_image_preprocess_seconds",
                                           "Time to preprocess one image (resize, tiles, "
                                           "normalisation, content hash).", _MEDIA)
+        self.image_cache_hits = counter("caldera_image_cache_hits",
+                                        "Images sent again and served decoded and "
+                                        "preprocessed from the server's image cache.")
         self.encoder_time = counter("caldera_vision_encoder_seconds",
                                     "Time spent in the vision tower and projector.")
         self.encoder_runs = counter("caldera_vision_encoder_images",
@@ -158,7 +161,11 @@ class Metrics:
     def observe_image_fetch(self, seconds: float) -> None:
         self.image_fetch.observe(seconds)
 
-    def observe_image_prepared(self, decode_seconds: float, preprocess_seconds: float) -> None:
+    def observe_image_prepared(self, decode_seconds: float, preprocess_seconds: float,
+                               cached: bool = False) -> None:
+        if cached:
+            self.image_cache_hits.inc()
+            return
         self.image_decode.observe(decode_seconds)
         self.image_preprocess.observe(preprocess_seconds)
 

@@ -102,7 +102,7 @@ def create_app(server_config: ServerConfig, engine_config: EngineConfig) -> Fast
         llm = await AsyncLLM.start(engine_config, stat_loggers=[metrics])
         http = httpx.AsyncClient()
         images = ImagePool(llm.processor.image_processor.config, server_config.image_workers,
-                           server_config.max_image_pixels)
+                           server_config.max_image_pixels, server_config.image_cache_bytes)
         state["ctx"] = ServingContext(llm, server_config, metrics, http, images, time.time())
         try:
             yield

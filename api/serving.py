@@ -95,7 +95,8 @@ async def prepare_prompt(ctx: ServingContext, prompt: str, sources: Sequence[Any
     except MediaError as exc:
         raise bad_request(str(exc), param="messages", code="invalid_image") from None
     for result in results:
-        ctx.metrics.observe_image_prepared(result.decode_seconds, result.preprocess_seconds)
+        ctx.metrics.observe_image_prepared(result.decode_seconds, result.preprocess_seconds,
+                                           cached=result.cached)
     return processor.assemble(prompt, token_ids, [r.image for r in results])
 
 

@@ -24,7 +24,9 @@ pair repeated ``--itl-rounds`` times). Each run changes the first word of the te
 no run reuses another's prefix cache. The image requests reuse ``--image-variants`` pictures,
 each sent once before the loaded runs, and their prompts end one token past a KV block: the
 engine's prefix cache serves all but that token (no vision encoder run), so what they add is
-the server's fetching, decoding and preprocessing, and one token of engine work each.
+the server's fetching, decoding and preprocessing, and one token of engine work each. The
+server runs with ``--image-cache 0`` unless ``--image-cache`` says otherwise, so that every
+image request is decoded and preprocessed again.
 Reported: p50 / p99 / max ITL of the text streams in each run, over the part of it where every
 stream decodes (not the start, where their own prefill makes some wait), and the ratio of the
 loaded runs' mean p99 to the text-only runs' (target: no growth).
@@ -388,6 +390,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="distinct pictures the image clients send (each also both ways)")
     p.add_argument("--itl-image-size", type=parse_range, default=(1500, 2000),
                    help="HEIGHT:WIDTH of the image clients' pictures")
+    p.add_argument("--image-cache", default="0",
+                   help="the server's --image-cache (default 0: every image request is decoded "
+                        "and preprocessed; the server's default keeps images sent again)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=16)
@@ -447,7 +452,8 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
     gc.collect()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    with subprocess_at(server_command(model_dir, port, options, args.profile_api),
+    server_options = {**options, "image_cache": args.image_cache}
+    with subprocess_at(server_command(model_dir, port, server_options, args.profile_api),
                        base_url + "/health", workdir / "server.log",
                        env={"OMP_NUM_THREADS": str(threads)}) as server:
         # Without /proc the CPU figures read zero (pid 0 has no entry there).

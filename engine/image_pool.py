@@ -6,6 +6,10 @@ interpreter lock for most of those 80 ms and the streams beside it stall. Here i
 worker processes (spawned, one torch thread each, at a lower CPU priority than the engine and
 the event loop), and only the encoded bytes go in and the pixel array comes back.
 
+Images sent again (the same encoded bytes at the same detail) are served from a cache of
+prepared images, bounded in bytes, without decoding them again; identical images that arrive
+together are prepared once. The key is the sha256 of the bytes, a millisecond per megabyte.
+
 The workers start with the pool and load nothing but the image processor's config. With no
 workers the same work runs in threads of the calling process. When a worker dies (the kernel's
 OOM killer on a hostile image, say) the pool starts afresh and the images it held are tried
@@ -17,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import multiprocessing
 import os
 import signal
 import time
+from collections import OrderedDict
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -39,22 +46,31 @@ logger = logging.getLogger(__name__)
 # work takes what CPU is left (a quarter of a contended core at +5).
 WORKER_NICENESS = 5
 
+# Bytes hashed on the event loop; larger images are hashed in a thread (hashlib lets go of the
+# interpreter lock), so a 20 MB upload does not hold up the streams for 15 ms.
+_HASH_INLINE_BYTES = 1 << 20
+
+DEFAULT_CACHE_BYTES = 512 << 20
+
 
 @dataclass(frozen=True)
 class PoolResult:
-    """A prepared image and what its two stages took, in seconds."""
+    """A prepared image and what its two stages took, in seconds (none: ``cached``)."""
 
     image: PreparedImage
     decode_seconds: float
     preprocess_seconds: float
+    cached: bool = False
 
 
 class ImagePool:
     """``await pool.prepare(data, base_only)``: encoded image bytes -> PreparedImage.
 
-    ``workers`` processes; 0 runs the same work in threads of this process instead."""
+    ``workers`` processes; 0 runs the same work in threads of this process instead.
+    ``cache_bytes``: room for prepared images (their pixel values), 0 for no cache."""
 
-    def __init__(self, config: ImageProcessorConfig, workers: int, max_pixels: int) -> None:
+    def __init__(self, config: ImageProcessorConfig, workers: int, max_pixels: int,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if workers < 0:
             raise ValueError(f"image workers must be >= 0, got {workers}")
         self.config = config
@@ -62,6 +78,8 @@ class ImagePool:
         self.max_pixels = max_pixels
         self._processor = ImageProcessor(config) if workers == 0 else None
         self._executor = self._start() if workers else None
+        self._cache = PreparedImageCache(cache_bytes)
+        self._pending: dict[tuple[bytes, bool], asyncio.Future[PoolResult]] = {}
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         executor = concurrent.futures.ProcessPoolExecutor(
@@ -72,6 +90,31 @@ class ImagePool:
         return executor
 
     async def prepare(self, data: bytes, base_only: bool) -> PoolResult:
+        if not self._cache.capacity:
+            return await self._prepare(data, base_only)
+        digest = (hashlib.sha256(data).digest() if len(data) <= _HASH_INLINE_BYTES
+                  else await asyncio.to_thread(lambda: hashlib.sha256(data).digest()))
+        key = (digest, base_only)
+        image = self._cache.get(key)
+        if image is not None:
+            return PoolResult(image, 0.0, 0.0, cached=True)
+        pending = self._pending.get(key)
+        if pending is not None:  # the same image is being prepared for another request
+            result = await asyncio.shield(pending)
+            return dataclasses.replace(result, decode_seconds=0.0, preprocess_seconds=0.0,
+                                       cached=True)
+        # A task of its own: a client that leaves does not cancel others' wait for the image.
+        task = asyncio.ensure_future(self._prepare(data, base_only))
+        self._pending[key] = task
+        task.add_done_callback(lambda t: self._settle(key, t))
+        return await asyncio.shield(task)
+
+    def _settle(self, key: tuple[bytes, bool], task: asyncio.Future[PoolResult]) -> None:
+        self._pending.pop(key, None)
+        if not task.cancelled() and task.exception() is None:
+            self._cache.put(key, task.result().image)
+
+    async def _prepare(self, data: bytes, base_only: bool) -> PoolResult:
         executor = self._executor
         if executor is None:
             return await asyncio.to_thread(_timed_prepare, self._processor, data, base_only,
@@ -102,6 +145,42 @@ class ImagePool:
     def shutdown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class PreparedImageCache:
+    """Prepared images by key, least recently used out first, within ``capacity`` bytes of
+    pixel values. The tensors are shared by every request that gets them: read-only."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"the image cache size must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.size = 0
+        self._entries: OrderedDict[tuple[bytes, bool], PreparedImage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[bytes, bool]) -> PreparedImage | None:
+        image = self._entries.get(key)
+        if image is not None:
+            self._entries.move_to_end(key)
+        return image
+
+    def put(self, key: tuple[bytes, bool], image: PreparedImage) -> None:
+        nbytes = _nbytes(image)
+        if nbytes > self.capacity or key in self._entries:
+            return
+        while self.size + nbytes > self.capacity:
+            _, dropped = self._entries.popitem(last=False)
+            self.size -= _nbytes(dropped)
+        self._entries[key] = image
+        self.size += nbytes
+
+
+def _nbytes(image: PreparedImage) -> int:
+    pixels = image.processed.pixel_values
+    return pixels.numel() * pixels.element_size()
 
 
 # ---- in the worker processes ----------------------------------------------------------------

@@ -20,6 +20,7 @@ resampling arithmetic (``_pil_weights``), which gives the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -407,6 +408,18 @@ class ProcessedImage:
     @property
     def num_tiles(self) -> int:
         return self.pixel_values.shape[0]
+
+    def content_hash(self) -> str:
+        """sha256 hex of everything the vision tower and the placeholder count see: the tiles'
+        pixel values, the original size and the detail. Equal hashes encode to equal embeddings,
+        so the prefix cache and the encoder cache share work between requests whatever the
+        image's source or file format; hashing the preprocessed tiles (1.4 MB for LLaVA 1.5)
+        costs a fraction of hashing the decoded picture (18 MB for a 3000x2000 photo)."""
+        pixels = self.pixel_values.contiguous().numpy()
+        digest = hashlib.sha256()
+        digest.update(f"{tuple(pixels.shape)}:{self.image_size}:{self.base_only}:".encode())
+        digest.update(memoryview(pixels).cast("B"))
+        return digest.hexdigest()
 
 
 class ImageProcessor:

@@ -23,7 +23,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import hashlib
 import io
 import ipaddress
 import os
@@ -215,24 +214,6 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Im
     with contextlib.suppress(Exception):  # a broken EXIF block loses the orientation only
         PIL.ImageOps.exif_transpose(image, in_place=True)
     return image
-
-
-def image_content_hash(image: PIL.Image.Image) -> str:
-    """sha256 hex of what preprocessing sees: mode, size, palette, transparency and pixels.
-
-    Identical pixels give the identical hash whatever the source (URL, base64, file), so the
-    prefix cache and the encoder cache can share work between requests.
-    """
-    digest = hashlib.sha256()
-    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-    if image.mode in ("P", "PA"):  # pixels are palette indices: the palette is content too
-        digest.update(bytes(image.getpalette(rawmode=None) or ()))
-    transparency = image.info.get("transparency")
-    if transparency is not None:  # changes the RGB conversion (composited onto white)
-        digest.update(b"transparency:" + repr(transparency).encode())
-    digest.update(b"pixels:")
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 Each ``<image>`` marker in the prompt becomes exactly as many placeholder ids as the encoder
 produces for that image (``ModelConfig.num_image_tokens``: the one count shared with the
-scheduler and the model), and each image gets a content hash so identical pixels share encoder
-output and prefix-cache blocks whatever their source.
+scheduler and the model), and each image gets a hash of its preprocessed tiles, so identical
+pictures share encoder output and prefix-cache blocks whatever their source.
 
 An image's OpenAI ``detail`` picks how LLaVA-NeXT sees it: "low" is the base tile alone (the
 whole image as one tile, as LLaVA 1.5 sees every image), "auto" and "high" the full anyres
-grid. A low-detail image gets its own hash, since it encodes to different embeddings.
+grid. A low-detail image has its own tiles, so its own hash.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 
 from caldera.engine.chat_template import IMAGE_DETAILS, ChatTemplate
 from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig, ProcessedImage
-from caldera.engine.media import image_content_hash, load_image
+from caldera.engine.media import load_image
 from caldera.engine.tokenizer import Tokenizer
 from caldera.scheduler.output import ImageFeature
 from caldera.worker.config import ModelConfig
@@ -47,13 +47,10 @@ class PreparedImage:
 
 
 def prepare_image(processor: ImageProcessor, image: Image.Image, base_only: bool) -> PreparedImage:
-    """Preprocessing and the content hash of one image. A low-detail image gets its own hash:
-    it encodes to other embeddings than the same pixels at full detail."""
+    """Preprocessing and the content hash of one image (of its preprocessed tiles: a
+    low-detail image has other tiles, so another hash, than the same picture at full detail)."""
     processed = processor.preprocess(image, base_only=base_only)
-    identifier = image_content_hash(image)
-    if processed.base_only:
-        identifier += ":base"
-    return PreparedImage(processed, identifier)
+    return PreparedImage(processed, processed.content_hash())
 
 
 class InputProcessor:

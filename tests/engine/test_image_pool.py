@@ -105,3 +105,73 @@ def test_a_dead_worker_is_replaced(config):
         assert _run(kill_mid_task()).image.processed.image_size == (4000, 6000)
     finally:
         pool.shutdown()
+
+
+# ---- the cache of prepared images ------------------------------------------------------------
+
+
+def test_an_image_sent_again_comes_from_the_cache(config):
+    pool = ImagePool(config, workers=0, max_pixels=1_000_000)
+
+    async def scenario():
+        data = _png(96, 64, seed=3)
+        first = await pool.prepare(data, False)
+        again = await pool.prepare(bytes(data), False)  # equal bytes, another object
+        low = await pool.prepare(data, True)  # another detail: prepared anew
+        return first, again, low
+
+    first, again, low = _run(scenario())
+    assert not first.cached and again.cached and not low.cached
+    assert again.image is first.image and again.decode_seconds == 0.0
+    assert low.image.identifier != first.image.identifier
+
+
+def test_identical_images_arriving_together_are_prepared_once(config):
+    pool = ImagePool(config, workers=0, max_pixels=1_000_000)
+    data = _png(120, 90, seed=4)
+
+    async def scenario():
+        return await asyncio.gather(*(pool.prepare(data, False) for _ in range(4)))
+
+    results = _run(scenario())
+    assert [r.cached for r in results].count(False) == 1
+    assert len({id(r.image) for r in results}) == 1
+
+
+def test_a_request_that_leaves_does_not_cancel_the_others(config):
+    pool = ImagePool(config, workers=0, max_pixels=100_000_000)
+    data = _jpeg(3000, 2000)
+
+    async def scenario():
+        leaving = asyncio.ensure_future(pool.prepare(data, False))
+        await asyncio.sleep(0)
+        staying = asyncio.ensure_future(pool.prepare(data, False))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        result = await staying
+        return leaving.cancelled(), result
+
+    cancelled, result = _run(scenario())
+    assert cancelled and result.image.processed.image_size == (2000, 3000)
+    assert _run(pool.prepare(data, False)).cached  # and it was kept
+
+
+def test_the_cache_keeps_to_its_size_least_recently_used_out(config):
+    one = _run(ImagePool(config, workers=0, max_pixels=1_000_000).prepare(_png(8, 8), False))
+    nbytes = one.image.processed.pixel_values.numel() * 4  # every image is the same tiles
+    pool = ImagePool(config, workers=0, max_pixels=1_000_000, cache_bytes=2 * nbytes)
+    images = [_png(32, 32, seed=10 + i) for i in range(3)]
+
+    async def scenario():
+        await pool.prepare(images[0], False)
+        await pool.prepare(images[1], False)
+        assert (await pool.prepare(images[0], False)).cached  # now the most recent
+        await pool.prepare(images[2], False)  # evicts images[1]
+        return [(await pool.prepare(images[i], False)).cached for i in (0, 2, 1)]
+
+    assert _run(scenario()) == [True, True, False]
+    assert pool._cache.size <= 2 * nbytes
+
+    uncached = ImagePool(config, workers=0, max_pixels=1_000_000, cache_bytes=0)
+    assert not _run(uncached.prepare(images[0], False)).cached
+    assert not _run(uncached.prepare(images[0], False)).cached

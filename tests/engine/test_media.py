@@ -15,13 +15,14 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig
 from caldera.engine.media import (
     MediaError,
     decode_image,
-    image_content_hash,
     load_image,
     load_image_async,
 )
+from caldera.engine.processor import prepare_image
 
 
 def _encode(image: PIL.Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -242,6 +243,12 @@ def test_bad_data_is_a_media_error():
 
 # --- content hash ---------------------------------------------------------------------------
 
+PROCESSOR = ImageProcessor(ImageProcessorConfig(do_center_crop=False))
+
+
+def image_content_hash(image: PIL.Image.Image) -> str:
+    return prepare_image(PROCESSOR, image, base_only=False).identifier
+
 
 def test_content_hash_depends_on_pixels_only(tmp_path):
     (tmp_path / "cat.png").write_bytes(PNG)
@@ -251,9 +258,11 @@ def test_content_hash_depends_on_pixels_only(tmp_path):
     assert image_content_hash(from_file) == expected == image_content_hash(from_base64)
     assert len(expected) == 64 and int(expected, 16) >= 0
     changed = IMAGE.copy()
-    changed.putpixel((0, 0), (1, 2, 3) if IMAGE.getpixel((0, 0)) != (1, 2, 3) else (4, 5, 6))
+    changed.putpixel((16, 12), (1, 2, 3) if IMAGE.getpixel((16, 12)) != (1, 2, 3) else (4, 5, 6))
     assert image_content_hash(changed) != expected
-    assert image_content_hash(IMAGE.convert("RGBA")) != expected
+    # What the vision tower sees decides: an opaque alpha channel changes nothing.
+    assert image_content_hash(IMAGE.convert("RGBA")) == expected
+    assert image_content_hash(PIL.Image.open(io.BytesIO(JPEG))) != expected
 
 
 def test_content_hash_sees_palette_and_transparency():
