@@ -16,7 +16,7 @@ Resources of one replica:
 - tensor_parallel_size 1: the replica actor holds ``num_cpus`` CPUs and, on GPUs, one GPU,
   which its engine process (a child of the actor) inherits.
 - tensor_parallel_size N > 1: a placement group per replica, ``[{"CPU": num_cpus}, {"GPU": 1}
-  x N]`` (``{"CPU": 1}`` per rank on CPUs). The replica sits in the first bundle; its engine
+  x N]`` (``{"CPU": cpus_per_rank}`` per rank on CPUs). The replica sits in the first bundle; its engine
   process finds the group (``caldera.engine.core_client.with_ray_context``) and the executor
   puts rank r in the bundle after it, so every replica owns its workers and no second
   placement group competes for the same GPUs.
@@ -71,7 +71,8 @@ class ReplicaOptions:
     ``target_ongoing_requests`` per replica (default: half of ``max_ongoing_requests``).
     ``num_cpus``: CPUs of the replica itself (HTTP, tokenization, image preprocessing, engine
     process). ``placement_group_strategy``: how a replica's bundles spread over nodes (PACK
-    keeps the ranks on one node when they fit).
+    keeps the ranks on one node when they fit). ``cpus_per_rank``: what each tensor-parallel
+    rank reserves when the ranks run on CPUs (on GPUs each takes one GPU).
     """
 
     num_replicas: int | None = None
@@ -80,6 +81,7 @@ class ReplicaOptions:
     target_ongoing_requests: float | None = None
     max_ongoing_requests: int | None = None
     num_cpus: float = 1.0
+    cpus_per_rank: float = 1.0
     placement_group_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
@@ -94,8 +96,9 @@ class ReplicaOptions:
         if low < 0 or (high is not None and high < max(low, 1)):
             raise DeployArgumentError(f"need 0 <= min_replicas <= max_replicas and "
                                       f"max_replicas >= 1, got {low} and {high}")
-        if self.num_cpus <= 0:
-            raise DeployArgumentError(f"num_cpus must be positive, got {self.num_cpus}")
+        if self.num_cpus <= 0 or self.cpus_per_rank <= 0:
+            raise DeployArgumentError(f"num_cpus and cpus_per_rank must be positive, got "
+                                      f"{self.num_cpus} and {self.cpus_per_rank}")
         if self.placement_group_strategy not in PLACEMENT_STRATEGIES:
             raise DeployArgumentError(f"placement_group_strategy must be one of "
                                       f"{', '.join(PLACEMENT_STRATEGIES)}, got "
@@ -155,7 +158,7 @@ def replica_resources(engine_config: EngineConfig, options: ReplicaOptions) -> d
     if parallel.backend != "ray":
         return {"ray_actor_options": {"num_cpus": options.num_cpus,
                                       "num_gpus": 1 if use_gpu else 0}}
-    rank = {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    rank = {"GPU": 1.0} if use_gpu else {"CPU": options.cpus_per_rank}
     return {
         "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": 0},
         "placement_group_bundles": [{"CPU": options.num_cpus}]

@@ -4,8 +4,9 @@ Start-up::
 
     connect        join RAY_ADDRESS / ray_address, or start a local Ray (dashboard off)
     place          one bundle per rank ({"GPU": 1} on CUDA, {"CPU": 1} on CPU) in a placement
-                   group: the one this process runs in (a Ray Serve replica's), or a new one,
-                   waited for at most ray_placement_timeout seconds
+                   group: the one this process runs in (a Ray Serve replica's, whose rank
+                   bundles may hold other amounts of CPU), or a new one, waited for at most
+                   ray_placement_timeout seconds
     rendezvous     rank 0 serves a TCPStore on a free port of its node; every rank joins the
                    torch.distributed group there (gloo on CPU, NCCL on CUDA)
     load           every rank loads its shard; the KV cache gets the fewest blocks any rank holds
@@ -181,8 +182,9 @@ class RayExecutor(Executor):
         self._placement, bundles = self._place(use_gpu)
         env = forwarded_env()
         for rank, bundle in enumerate(bundles):
+            cpus = 0 if use_gpu else self._placement.bundle_specs[bundle]["CPU"]
             options = dict(
-                num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._placement, placement_group_bundle_index=bundle),
             )
@@ -385,8 +387,9 @@ def _existing_placement_group(group_id: str | None) -> PlacementGroup | None:
 
 def _bundles_for(group: PlacementGroup, resource: str, world_size: int) -> list[int]:
     """The last ``world_size`` bundles of ``group`` holding a ``resource`` (a Serve replica
-    sits in the first bundle)."""
-    usable = [i for i, bundle in enumerate(group.bundle_specs) if bundle.get(resource, 0) >= 1]
+    sits in the first bundle): a whole GPU each, or any share of a CPU."""
+    least = 1 if resource == "GPU" else 1e-9
+    usable = [i for i, bundle in enumerate(group.bundle_specs) if bundle.get(resource, 0) >= least]
     if len(usable) < world_size:
         raise PlacementError(
             f"the placement group this engine runs in has {len(usable)} bundle(s) with a "
