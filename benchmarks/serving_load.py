@@ -373,6 +373,91 @@ def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Pa
     result["latencies"] = data["latencies"]
 
 
+
+def _image_work_child(spec_path: str) -> None:
+    """Runs as ``python -c``: the image pool worker's own work (decode, preprocess, content
+    hash, at the worker's niceness, one torch thread) on the spec's pictures, ``rate`` images
+    per second, from the "go" line on stdin to the "stop" line, with no server involved; then
+    writes how many it did."""
+    import json
+    import os
+    import sys
+    import threading
+    import time
+
+    import torch
+
+    from caldera.engine.image_pool import WORKER_NICENESS
+    from caldera.engine.image_processing import ImageProcessor, ImageProcessorConfig
+    from caldera.engine.media import decode_image
+    from caldera.engine.processor import prepare_image
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    os.nice(WORKER_NICENESS)
+    torch.set_num_threads(1)
+    processor = ImageProcessor(ImageProcessorConfig.from_model_dir(spec["model_dir"]))
+    pictures = []
+    for path in spec["pictures"]:
+        with open(path, "rb") as f:
+            pictures.append(f.read())
+    stop = threading.Event()
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go"
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    done, start = 0, time.perf_counter()
+    while not stop.is_set():
+        prepare_image(processor, decode_image(pictures[done % len(pictures)]), False)
+        done += 1
+        delay = start + done / spec["rate"] - time.perf_counter()
+        if delay > 0:
+            stop.wait(delay)
+    with open(spec["result"], "w") as f:
+        json.dump({"images": done, "wall_s": time.perf_counter() - start}, f)
+
+
+@contextlib.contextmanager
+def image_work_outside(model_dir: Path, pictures: Sequence[bytes], rate: float, workdir: Path
+                       ) -> Iterator[tuple[Callable[[], None], dict[str, Any]]]:
+    """The control for the image load: the same decoding and preprocessing in a process of
+    its own, beside the server but not through it. Yields (start, result dict with ``pid``);
+    leaving the block fills in ``images`` and ``wall_s``."""
+    paths = []
+    for index, data in enumerate(pictures):
+        path = workdir / f"control-picture-{index}.jpg"
+        path.write_bytes(data)
+        paths.append(str(path))
+    spec = {"model_dir": str(model_dir), "pictures": paths, "rate": rate,
+            "result": str(workdir / "image-work.json")}
+    spec_path = workdir / "image-work-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    script = (inspect.getsource(_image_work_child)
+              + "\n\nimport sys\n_image_work_child(sys.argv[1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(spec_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    result: dict[str, Any] = {"pid": proc.pid}
+
+    def start() -> None:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the image work process did not start")
+        yield start, result
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.write("stop\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    result.update(json.loads(Path(spec["result"]).read_text()))
+
+
 async def run_text_streams(base_url: str, bodies: Sequence[bytes],
                            start_load: Callable[[], None] | None = None) -> list[StreamResult]:
     """Every text stream at once (``start_load`` is called just before they are sent)."""

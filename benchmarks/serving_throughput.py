@@ -29,7 +29,12 @@ server runs with ``--image-cache 0`` unless ``--image-cache`` says otherwise, so
 image request is decoded and preprocessed again.
 Reported: p50 / p99 / max ITL of the text streams in each run, over the part of it where every
 stream decodes (not the start, where their own prefill makes some wait), and the ratio of the
-loaded runs' mean p99 to the text-only runs' (target: no growth).
+loaded runs' mean p99 to the text-only runs' (target: no growth). The control
+(``--outside-control``, on by default): the text streams once more beside a process that
+does the image worker's decoding, preprocessing and hashing of the same pictures at the
+loaded runs' image rate, with no request reaching the server. What the text streams lose
+there is the machine's (CPU time, caches and memory bandwidth shared with the image work),
+which no change in the serving path can take back.
 
 Both sides compute with the same number of torch threads: ``--threads`` (default: torch's own
 choice here) is set in this process and passed to the server's processes as
@@ -77,6 +82,7 @@ from caldera.benchmarks.serving_load import (
     format_cpu,
     free_port,
     image_load,
+    image_work_outside,
     image_worker_pids,
     run_async,
     run_closed_loop,
@@ -308,6 +314,8 @@ class ITLRun:
     cpu: dict[str, SchedTimes]
     image_latencies: list[float] = field(default_factory=list)
     image_wall_s: float = 0.0
+    # The control: images decoded and preprocessed outside the server, this many per second.
+    outside_rate: float | None = None
 
     @property
     def summary(self) -> dict[str, float]:
@@ -330,17 +338,26 @@ def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
             rate = len(run.image_latencies) / run.image_wall_s
             images = (f"{len(run.image_latencies)} done, {rate:.1f}/s, mean "
                       f"{np.mean(run.image_latencies) * 1000:.0f} ms")
+        if run.outside_rate is not None:
+            images = f"none; {run.outside_rate:.1f} images/s prepared outside the server"
         engine, api = run.cpu["engine"], run.cpu["API"]
         print(f"  {run.name:<30} {s['itl_p50_ms']:7.1f}ms {s['itl_p99_ms']:7.1f}ms "
               f"{s['itl_max_ms']:7.1f}ms  {engine.run_s:9.1f}s ({engine.wait_s:5.1f}s) "
               f"{api.run_s:7.1f}s  {images}")
         out["runs"][run.name] = {**s, "image_requests": len(run.image_latencies),
-                                 "image_wall_s": run.image_wall_s, "cpu": _cpu_json(run.cpu)}
-    alone = [r.summary["itl_p99_ms"] for r in runs if not r.image_latencies]
+                                 "image_wall_s": run.image_wall_s,
+                                 "outside_rate": run.outside_rate, "cpu": _cpu_json(run.cpu)}
+    alone = [r.summary["itl_p99_ms"] for r in runs
+             if not r.image_latencies and r.outside_rate is None]
     loaded = [r.summary["itl_p99_ms"] for r in runs if r.image_latencies]
     ratio = float(np.mean(loaded) / np.mean(alone))
     print(f"  p99 ITL with images / text alone: {ratio:.3f}, means over the runs (target: no "
           "growth)")
+    outside = [r.summary["itl_p99_ms"] for r in runs if r.outside_rate is not None]
+    if outside:
+        out["outside_p99_ratio"] = float(np.mean(outside) / np.mean(alone))
+        print(f"  p99 ITL beside the same image work outside the server / text alone: "
+              f"{out['outside_p99_ratio']:.3f} (the machine's share of the growth)")
     for run in runs:
         print(f"  CPU s (waiting for a CPU s), {run.name}: {format_cpu(run.cpu)}")
     out["p99_ratio"] = ratio
@@ -390,6 +407,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="distinct pictures the image clients send (each also both ways)")
     p.add_argument("--itl-image-size", type=parse_range, default=(1500, 2000),
                    help="HEIGHT:WIDTH of the image clients' pictures")
+    p.add_argument("--outside-control", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the text streams beside the image load's decoding and "
+                        "preprocessing done in a process outside the server, at the same rate")
     p.add_argument("--image-cache", default="0",
                    help="the server's --image-cache (default 0: every image request is decoded "
                         "and preprocessed; the server's default keeps images sent again)")
@@ -472,7 +492,7 @@ def _run(args: argparse.Namespace, threads: int, model_dir: Path, workdir: Path,
             sys.stdout.flush()
         if texts:
             runs = run_interference(args, base_url, clock, loads, texts, image_requests,
-                                    workdir)
+                                    workdir, model_dir)
             summary["interference"] = report_interference(
                 texts, runs, args.image_clients, args.itl_image_size)
     return summary
@@ -510,9 +530,12 @@ def _image_load_text(loads: ChatWorkloads, block_size: int, size: tuple[int, int
 
 def run_interference(args: argparse.Namespace, base_url: str, clock: CPUClock,
                      loads: ChatWorkloads, texts: list[ChatRequest],
-                     image_requests: list[ChatRequest], workdir: Path) -> list[ITLRun]:
-    """Text alone, then ``--itl-rounds`` times: text beside the image load, text alone again.
-    Every run has its own salt (first word), so none reuses another's prefix cache."""
+                     image_requests: list[ChatRequest], workdir: Path,
+                     model_dir: Path) -> list[ITLRun]:
+    """Text alone, then ``--itl-rounds`` times: text beside the image load, text alone again;
+    then (``--outside-control``) text beside the same image work done outside the server, at
+    the loaded runs' image rate, and alone once more. Every run has its own salt (first word),
+    so none reuses another's prefix cache."""
     salts = iter(range(1, 1000))
 
     def text_alone(name: str) -> ITLRun:
@@ -537,6 +560,19 @@ def run_interference(args: argparse.Namespace, base_url: str, clock: CPUClock,
         suffix = f" ({round_})" if args.itl_rounds > 1 else ""
         runs.append(with_images(f"with {args.image_clients} image clients{suffix}"))
         runs.append(text_alone(f"text alone, again{suffix}"))
+    if args.outside_control:
+        rate = float(np.mean([len(r.image_latencies) / r.image_wall_s
+                              for r in runs if r.image_latencies]))
+        urls = [r.messages[0]["content"][0]["image_url"]["url"] for r in image_requests]
+        pictures = [base64.b64decode(u.split(",", 1)[1]) for u in urls if u.startswith("data:")]
+        bodies = [r.body(logprobs=True) for r in loads.salted(texts, next(salts))]
+        with image_work_outside(model_dir, pictures, rate, workdir) as (start, work):
+            control_clock = CPUClock({**clock.pids, "image work outside": work["pid"]})
+            with control_clock.measure() as cpu:
+                results = run_async(run_text_streams(base_url, bodies, start))
+        runs.append(ITLRun("same image work, outside", results, cpu,
+                           outside_rate=work["images"] / work["wall_s"]))
+        runs.append(text_alone("text alone, last"))
     return runs
 
 

@@ -30,8 +30,12 @@ def test_benchmark_prints_its_summary(llava15_dir, tmp_path, capsys):
     # Greedy, same requests: the server streams what the offline engine returns.
     assert throughput["identical_texts"] == 4
     runs = summary["interference"]["runs"]
-    assert list(runs) == ["text alone", "with 1 image clients", "text alone, again"]
+    assert list(runs) == ["text alone", "with 1 image clients", "text alone, again",
+                          "same image work, outside", "text alone, last"]
     assert runs["with 1 image clients"]["image_requests"] >= 1
+    assert runs["same image work, outside"]["outside_rate"] > 0
+    assert "image work outside" in runs["same image work, outside"]["cpu"]
+    assert "the machine's share of the growth" in out
     assert {"engine", "API", "image worker 1", "clients"} <= set(runs["text alone"]["cpu"])
     assert json.loads(results.read_text())["threads"] == torch.get_num_threads()
 
