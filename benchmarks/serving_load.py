@@ -325,22 +325,17 @@ def _image_load_child(spec_path: str) -> None:
 
 
 @contextlib.contextmanager
-def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Path
-               ) -> Iterator[tuple[Callable[[], None], dict[str, Any]]]:
-    """Starts the image clients' process; yields (a function that starts the load, the
-    result dict, holding ``pid`` already). Leaving the block stops the load, waits for the
-    requests in flight and fills in ``latencies`` (s) and ``wall_s`` (from start to stop)."""
-    paths = []
-    for index, body in enumerate(bodies):
-        path = workdir / f"image-body-{index}.json"
-        path.write_bytes(body)
-        paths.append(str(path))
-    spec = {"base_url": base_url, "bodies": paths, "clients": clients,
-            "result": str(workdir / "image-load.json")}
-    spec_path = workdir / "image-load-spec.json"
+def go_stop_child(function: Callable[[str], None], spec: dict[str, Any], workdir: Path,
+                  name: str) -> Iterator[tuple[Callable[[], None], dict[str, Any]]]:
+    """Runs ``function`` (a self-contained function of a spec file's path, its source sent
+    as ``python -c``) in a child process that says "ready", works from the "go" line on stdin
+    to the "stop" line and writes its results to ``spec["result"]``. Yields (a function that
+    says go, a result dict holding ``pid``); leaving the block stops the child and fills the
+    dict with ``wall_s`` (from go to stop) and what the child wrote."""
+    spec_path = workdir / f"{name}-spec.json"
     spec_path.write_text(json.dumps(spec))
-    script = (inspect.getsource(_image_load_child)
-              + "\n\nimport sys\n_image_load_child(sys.argv[1])\n")
+    script = (inspect.getsource(function)
+              + f"\n\nimport sys\n{function.__name__}(sys.argv[1])\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(spec_path)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
@@ -354,7 +349,7 @@ def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Pa
 
     try:
         if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the image load process did not start")
+            raise RuntimeError(f"the {name} process did not start")
         yield start, result
     finally:
         if started:
@@ -367,10 +362,31 @@ def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Pa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    data = json.loads(Path(spec["result"]).read_text())
-    if data["errors"]:
-        raise RuntimeError(f"image requests failed: {data['errors'][0]}")
-    result["latencies"] = data["latencies"]
+    result.update(json.loads(Path(spec["result"]).read_text()))
+
+
+def _write_all(workdir: Path, name: str, contents: Sequence[bytes]) -> list[str]:
+    paths = []
+    for index, data in enumerate(contents):
+        path = workdir / f"{name}-{index}"
+        path.write_bytes(data)
+        paths.append(str(path))
+    return paths
+
+
+@contextlib.contextmanager
+def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Path
+               ) -> Iterator[tuple[Callable[[], None], dict[str, Any]]]:
+    """Starts the image clients' process; yields (a function that starts the load, the
+    result dict, holding ``pid`` already). Leaving the block stops the load, waits for the
+    requests in flight and fills in ``latencies`` (s) and ``wall_s`` (from start to stop)."""
+    spec = {"base_url": base_url, "bodies": _write_all(workdir, "image-body", bodies),
+            "clients": clients, "result": str(workdir / "image-load.json")}
+    with go_stop_child(_image_load_child, spec, workdir, "image load") as (start, result):
+        yield start, result
+    if result["errors"]:
+        raise RuntimeError(f"image requests failed: {result['errors'][0]}")
+
 
 
 
@@ -422,40 +438,11 @@ def image_work_outside(model_dir: Path, pictures: Sequence[bytes], rate: float, 
     """The control for the image load: the same decoding and preprocessing in a process of
     its own, beside the server but not through it. Yields (start, result dict with ``pid``);
     leaving the block fills in ``images`` and ``wall_s``."""
-    paths = []
-    for index, data in enumerate(pictures):
-        path = workdir / f"control-picture-{index}.jpg"
-        path.write_bytes(data)
-        paths.append(str(path))
-    spec = {"model_dir": str(model_dir), "pictures": paths, "rate": rate,
+    spec = {"model_dir": str(model_dir), "rate": rate,
+            "pictures": _write_all(workdir, "control-picture", pictures),
             "result": str(workdir / "image-work.json")}
-    spec_path = workdir / "image-work-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    script = (inspect.getsource(_image_work_child)
-              + "\n\nimport sys\n_image_work_child(sys.argv[1])\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(spec_path)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
-    result: dict[str, Any] = {"pid": proc.pid}
-
-    def start() -> None:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-
-    try:
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the image work process did not start")
+    with go_stop_child(_image_work_child, spec, workdir, "image work") as (start, result):
         yield start, result
-    finally:
-        with contextlib.suppress(OSError):
-            proc.stdin.write("stop\n")
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    result.update(json.loads(Path(spec["result"]).read_text()))
 
 
 async def run_text_streams(base_url: str, bodies: Sequence[bytes],

@@ -75,3 +75,15 @@ def generate(
             computed[r] += counts[r]
             outputs[r].extend(sampled)
     return [outputs[r] for r in ids]
+
+
+def greedy_chat_text(model_dir: object, messages: list[dict], max_tokens: int, **engine: object) -> str:
+    """What one in-process engine answers, greedy: the reference for servers and workers."""
+    from caldera.engine import LLM
+
+    llm = LLM(str(model_dir), **engine)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        return llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+    finally:
+        llm.shutdown()

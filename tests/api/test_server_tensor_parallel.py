@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 from server_support import ServerProcess, descendants
-
-from caldera.engine import LLM, SamplingParams
+from support import greedy_chat_text
 
 ENGINE = ["--kv-cache-memory", "32MiB", "--max-model-len", "4096", "--no-ui"]
 MESSAGES = [{"role": "user", "content": "Describe a mountain in winter."}]
@@ -43,12 +42,8 @@ def _ray_worker_pids() -> list[int]:
 
 
 def test_tp2_server_matches_tp1_then_survives_a_dead_worker(ray_runtime, next_mistral_dir):
-    reference = LLM(str(next_mistral_dir), kv_cache_memory="32MiB", max_model_len=4096)
-    try:
-        expected = reference.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=24),
-                                  use_tqdm=False)[0].outputs[0].text
-    finally:
-        reference.shutdown()
+    expected = greedy_chat_text(next_mistral_dir, MESSAGES, 24, kv_cache_memory="32MiB",
+                                max_model_len=4096)
     before = set(_ray_worker_pids())
     server = ServerProcess(["--model", str(next_mistral_dir), "--tensor-parallel-size", "2",
                             *ENGINE])

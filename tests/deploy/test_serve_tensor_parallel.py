@@ -8,11 +8,11 @@ from __future__ import annotations
 import openai
 import pytest
 from server_support import free_port
+from support import greedy_chat_text
 
 pytest.importorskip("ray.serve")
 
 from caldera.deploy.serve import app_builder  # noqa: E402
-from caldera.engine import LLM, SamplingParams  # noqa: E402
 
 APP = "caldera-tp"
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]
@@ -23,12 +23,8 @@ def test_a_replica_runs_its_model_over_two_ranks_in_its_placement_group(ray_runt
     from ray import serve
     from ray.util import placement_group_table
 
-    reference = LLM(str(next_mistral_dir), kv_cache_memory="16MiB", max_model_len=2048)
-    try:
-        expected = reference.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=12),
-                                  use_tqdm=False)[0].outputs[0].text
-    finally:
-        reference.shutdown()
+    expected = greedy_chat_text(next_mistral_dir, MESSAGES, 12, kv_cache_memory="16MiB",
+                                max_model_len=2048)
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
