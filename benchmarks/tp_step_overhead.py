@@ -7,8 +7,9 @@ Both engines decode the same batch of greedy requests on the bench model shape. 
 
 - TP=1, in-process: the executor call is all compute.
 - TP=2, two Ray actors over gloo: the driver times its executor call; each rank times its own
-  step and the collectives inside it. Ray overhead = driver time - the slowest rank's step
-  (sending the step to the ranks through the compiled graph, and rank 0's tokens back).
+  step and the collectives inside it (kept by the rank and read once at the end). Ray
+  overhead = driver time - the slowest rank's step (sending the step to the ranks through the
+  compiled graph, and rank 0's tokens back).
 
 A second table times the transport alone (two echo actors, no model) for the same scheduler
 output: one write of its pickled bytes into a compiled graph (as the executor sends it), versus
@@ -51,26 +52,32 @@ def run_engine(model_dir: Path, tp: int, args: argparse.Namespace) -> dict[str, 
     for request in _requests(args.batch, args.prompt_len):
         core.add_request(request)
     ray_executor = tp > 1
-    calls, slowest, collectives = [], [], []
+    calls, timed = [], []
     try:
+        if ray_executor:
+            core.executor.take_step_times()  # from the first step on
         for step in range(args.warmup + args.steps):
             out = core.scheduler.schedule()
             start = time.perf_counter()
             runner_output = core.executor.execute_model(out)
-            elapsed = time.perf_counter() - start
+            calls.append(time.perf_counter() - start)
             core.scheduler.update_from_output(out, runner_output)
-            times = core.executor.take_step_times() if ray_executor else None
-            if step < args.warmup or out.scheduled_new_reqs:
-                continue  # prefill steps and warm-up
-            calls.append(elapsed)
-            if times is not None:
-                slowest.append(max(t.step_seconds for t in times))
-                collectives.append(max(t.collective_seconds for t in times))
-        result = {"call": statistics.median(calls)}
+            # Prefill steps and warm-up are not timed.
+            timed.append(step >= args.warmup and not out.scheduled_new_reqs)
+        call_times = [c for c, keep in zip(calls, timed) if keep]
+        result = {"call": statistics.median(call_times)}
         if ray_executor:
+            # The ranks' times, asked for once now: a call between steps would wake every
+            # process in the middle of what is measured.
+            per_rank = core.executor.take_step_times()
+            assert all(len(times) == len(calls) for times in per_rank)
+            slowest = [max(times[i].step_seconds for times in per_rank)
+                       for i, keep in enumerate(timed) if keep]
+            collectives = [max(times[i].collective_seconds for times in per_rank)
+                           for i, keep in enumerate(timed) if keep]
             result["rank"] = statistics.median(slowest)
             result["collectives"] = statistics.median(collectives)
-            result["overhead"] = statistics.median(c - s for c, s in zip(calls, slowest))
+            result["overhead"] = statistics.median(c - s for c, s in zip(call_times, slowest))
         return result
     finally:
         core.shutdown()

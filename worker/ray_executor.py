@@ -25,6 +25,7 @@ its rank, node and process id.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -72,13 +73,16 @@ class RankInfo:
         return f"rank {self.rank} (node {self.node_ip}, pid {self.pid})"
 
 
-@dataclass
-class StepTimes:
-    """Seconds a rank spent since its last report: in steps, and in collectives within them."""
+# Steps whose times a rank keeps for take_step_times (the oldest go first).
+STEP_TIMES_KEPT = 4096
 
-    steps: int = 0
-    step_seconds: float = 0.0
-    collective_seconds: float = 0.0
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds one step took on a rank, and the collectives within it."""
+
+    step_seconds: float
+    collective_seconds: float
 
 
 # ==== the actor ==============================================================================
@@ -95,7 +99,7 @@ class RayWorker:
         self.world_size = world_size
         self.worker: Any = None
         self.store: Any = None
-        self.times = StepTimes()
+        self.times: collections.deque[StepTime] = collections.deque(maxlen=STEP_TIMES_KEPT)
 
     def info(self) -> RankInfo:
         context = ray.get_runtime_context()
@@ -134,9 +138,8 @@ class RayWorker:
             logger.exception("rank %d failed a step", self.rank)
             raise WorkerError(f"{self.info().describe()} failed a step: "
                               f"{_describe(exc)}") from exc
-        self.times.steps += 1
-        self.times.step_seconds += time.perf_counter() - start
-        self.times.collective_seconds += self.worker.group.collective_seconds - collectives
+        self.times.append(StepTime(time.perf_counter() - start,
+                                   self.worker.group.collective_seconds - collectives))
         return None if output is None else pickle.dumps(output, pickle.HIGHEST_PROTOCOL)
 
     @ray.method(concurrency_group="health")
@@ -144,9 +147,11 @@ class RayWorker:
         pass
 
     @ray.method(concurrency_group="health")
-    def take_step_times(self) -> StepTimes:
-        """The times since the last call (for the per-step overhead benchmark)."""
-        times, self.times = self.times, StepTimes()
+    def take_step_times(self) -> list[StepTime]:
+        """Each step's times since the last call, oldest first (for the per-step overhead
+        benchmark, which asks once at the end rather than between steps)."""
+        times = list(self.times)
+        self.times.clear()
         return times
 
 
@@ -308,8 +313,8 @@ class RayExecutor(Executor):
                 ray.kill(worker)
         return WorkerError(self._failure)
 
-    def take_step_times(self) -> list[StepTimes]:
-        """Per rank, the step and collective seconds since the last call (benchmarks)."""
+    def take_step_times(self) -> list[list[StepTime]]:
+        """Per rank, each step's times since the last call (benchmarks)."""
         return ray.get([w.take_step_times.remote() for w in self.workers])
 
     # ---- shutdown -----------------------------------------------------------------------
