@@ -16,10 +16,10 @@ Resources of one replica:
 - tensor_parallel_size 1: the replica actor holds ``num_cpus`` CPUs and, on GPUs, one GPU,
   which its engine process (a child of the actor) inherits.
 - tensor_parallel_size N > 1: a placement group per replica, ``[{"CPU": num_cpus}, {"GPU": 1}
-  x N]`` (``{"CPU": cpus_per_rank}`` per rank on CPUs). The replica sits in the first bundle; its engine
-  process finds the group (``caldera.engine.core_client.with_ray_context``) and the executor
-  puts rank r in the bundle after it, so every replica owns its workers and no second
-  placement group competes for the same GPUs.
+  x N]`` (``{"CPU": cpus_per_rank}`` per rank on CPUs). The replica sits in the first bundle;
+  its engine process finds the group (``caldera.engine.core_client.with_ray_context``) and the
+  executor puts rank r in the bundle after it, so every replica owns its workers and no
+  second placement group competes for the same GPUs.
 
 Autoscaling follows ongoing requests per replica (``target_ongoing_requests``); a replica takes
 at most ``max_ongoing_requests`` at once (default: the engine's ``max_num_seqs``, one full

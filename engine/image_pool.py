@@ -55,7 +55,7 @@ DEFAULT_CACHE_BYTES = 512 << 20
 
 @dataclass(frozen=True)
 class PoolResult:
-    """A prepared image and what its two stages took, in seconds (none: ``cached``)."""
+    """A prepared image and what its two stages took, in seconds (0 when it came ``cached``)."""
 
     image: PreparedImage
     decode_seconds: float

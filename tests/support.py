@@ -77,7 +77,8 @@ def generate(
     return [outputs[r] for r in ids]
 
 
-def greedy_chat_text(model_dir: object, messages: list[dict], max_tokens: int, **engine: object) -> str:
+def greedy_chat_text(model_dir: object, messages: list[dict], max_tokens: int,
+                     **engine: object) -> str:
     """What one in-process engine answers, greedy: the reference for servers and workers."""
     from caldera.engine import LLM
 
