@@ -175,3 +175,15 @@ def test_the_cache_keeps_to_its_size_least_recently_used_out(config):
     uncached = ImagePool(config, workers=0, max_pixels=1_000_000, cache_bytes=0)
     assert not _run(uncached.prepare(images[0], False)).cached
     assert not _run(uncached.prepare(images[0], False)).cached
+
+
+def test_a_bad_image_is_refused_every_time_and_nothing_is_kept(config):
+    pool = ImagePool(config, workers=0, max_pixels=1_000_000)
+
+    async def scenario():
+        for _ in range(2):
+            with pytest.raises(MediaError, match="not a valid"):
+                await pool.prepare(b"still not an image", False)
+        return len(pool._cache), len(pool._pending)
+
+    assert _run(scenario()) == (0, 0)
