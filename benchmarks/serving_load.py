@@ -388,8 +388,6 @@ def image_load(base_url: str, bodies: Sequence[bytes], clients: int, workdir: Pa
         raise RuntimeError(f"image requests failed: {result['errors'][0]}")
 
 
-
-
 def _image_work_child(spec_path: str) -> None:
     """Runs as ``python -c``: the image pool worker's own work (decode, preprocess, content
     hash, at the worker's niceness, one torch thread) on the spec's pictures, ``rate`` images

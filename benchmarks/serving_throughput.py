@@ -355,17 +355,18 @@ def report_interference(requests: Sequence[ChatRequest], runs: Sequence[ITLRun],
           "growth)")
     # Each loaded run against the text-only runs just before and after it: a machine whose
     # speed drifts during the benchmark (other tenants) moves both alike.
-    paired = [runs[i].summary["itl_p99_ms"] / np.mean([runs[i - 1].summary["itl_p99_ms"],
-                                                        runs[i + 1].summary["itl_p99_ms"]])
-              for i in range(1, len(runs) - 1) if runs[i].image_latencies]
+    p99 = [r.summary["itl_p99_ms"] for r in runs]
+
+    def beside(i: int) -> float:
+        return float(p99[i] / np.mean([p99[i - 1], p99[i + 1]]))
+
+    paired = [beside(i) for i in range(1, len(runs) - 1) if runs[i].image_latencies]
     print(f"  the same, each loaded run against the text-only runs beside it: "
           f"{', '.join(f'{r:.3f}' for r in paired)}")
-    out["p99_ratios_paired"] = [float(r) for r in paired]
+    out["p99_ratios_paired"] = paired
     outside = [i for i, r in enumerate(runs) if r.outside_rate is not None]
     if outside:
-        i = outside[0]
-        out["outside_p99_ratio"] = float(runs[i].summary["itl_p99_ms"] / np.mean(
-            [runs[i - 1].summary["itl_p99_ms"], runs[i + 1].summary["itl_p99_ms"]]))
+        out["outside_p99_ratio"] = beside(outside[0])
         print(f"  p99 ITL beside the same image work outside the server / the text-only runs "
               f"beside it: {out['outside_p99_ratio']:.3f} (the machine's share of the growth)")
     for run in runs:

@@ -150,9 +150,8 @@ class RayWorker:
     def take_step_times(self) -> list[StepTime]:
         """Each step's times since the last call, oldest first (for the per-step overhead
         benchmark, which asks once at the end rather than between steps)."""
-        times = list(self.times)
-        self.times.clear()
-        return times
+        # Popped one by one: a step may be appending from the main thread meanwhile.
+        return [self.times.popleft() for _ in range(len(self.times))]
 
 
 # ==== the executor ===========================================================================
