@@ -7,13 +7,13 @@ Both engines decode the same batch of greedy requests on the bench model shape. 
 
 - TP=1, in-process: the executor call is all compute.
 - TP=2, two Ray actors over gloo: the driver times its executor call; each rank times its own
-  step and the collectives inside it (kept by the rank and read once at the end). Ray
-  overhead = driver time - the slowest rank's step (sending the step to the ranks through the
-  compiled graph, and rank 0's tokens back).
+  step and the collectives inside it (kept by the rank and read once at the end). Ray/IPC
+  overhead = driver time - the slowest rank's step (pickling the step, writing it to each
+  rank's step connection, waking the ranks, and rank 0's output back).
 
-A second table times the transport alone (two echo actors, no model) for the same scheduler
-output: one write of its pickled bytes into a compiled graph (as the executor sends it), versus
-``ray.put`` and one actor call per rank.
+A last line times the transport alone (two echo actors, no model) for the same scheduler
+output, three ways: the executor's step connections, a Ray compiled graph (driver -> both
+actors -> driver, the step as pickled bytes), and ``ray.put`` plus one actor call per rank.
 Medians over the timed steps; ranks run one torch thread each (``--threads`` sets TP=1's).
 """
 
@@ -24,6 +24,7 @@ import pickle
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -34,6 +35,7 @@ from caldera.engine.core import EngineCore
 from caldera.engine.demo_checkpoints import BENCH_SIZES, build_tiny_checkpoint
 from caldera.engine.messages import EngineCoreRequest
 from caldera.scheduler.output import SamplingParams, SchedulerOutput
+from caldera.worker.step_channel import RankChannel, StepChannel
 
 
 def _requests(batch: int, prompt_len: int) -> list[EngineCoreRequest]:
@@ -83,43 +85,80 @@ def run_engine(model_dir: Path, tp: int, args: argparse.Namespace) -> dict[str, 
         core.shutdown()
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, concurrency_groups={"channel": 1, "probe": 1})
 class _Echo:
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
-    def step(self, step: tuple | bytes) -> int | None:
+    def step(self, step: tuple | bytes) -> bytes | None:
         if isinstance(step, bytes):  # as the executor sends it
             step = pickle.loads(step)
-        return len(step[0].num_scheduled_tokens) if self.rank == 0 else None
+        return pickle.dumps(len(step[0].num_scheduled_tokens)) if self.rank == 0 else None
+
+    @ray.method(concurrency_group="channel")
+    def serve(self, address: tuple[str, int], token: bytes) -> None:
+        channel = RankChannel(address, token, self.rank)
+        while (payload := channel.receive()) is not None:
+            output = self.step(payload)
+            if output is not None:
+                channel.send_output(output)
+        channel.close()
+
+    @ray.method(concurrency_group="probe")
+    def cpu_seconds(self) -> float:
+        """CPU time of the whole actor process (all its threads) so far."""
+        return time.process_time()
 
 
-def run_transport(scheduler_output: SchedulerOutput, rounds: int) -> dict[str, float]:
-    """Median round trip of one step's input to two echo actors and back."""
+def run_transport(scheduler_output: SchedulerOutput, rounds: int,
+                  idle_seconds: float = 2.0) -> dict[str, float]:
+    """Median round trip of one step's input to two echo actors and back, and the CPU the
+    actors spend (per second, both together) left ``idle_seconds`` waiting for a step."""
     from ray.dag import InputNode, MultiOutputNode
 
-    actors = [_Echo.remote(rank) for rank in range(2)]
-    ray.get([a.step.remote((scheduler_output, None)) for a in actors])
-    step = (scheduler_output, None)
-    plain = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        ref = ray.put(step)
-        ray.get([a.step.remote(ref) for a in actors])
-        plain.append(time.perf_counter() - start)
-    with InputNode() as node:
-        graph = MultiOutputNode([a.step.bind(node) for a in actors]).experimental_compile()
-    compiled = []
-    try:
+    def timed(round_trip: Callable[[], object]) -> float:
+        for _ in range(8):  # warm-up
+            round_trip()
+        times = []
         for _ in range(rounds):
             start = time.perf_counter()
-            ray.get(graph.execute(pickle.dumps(step, pickle.HIGHEST_PROTOCOL)), timeout=-1)
-            compiled.append(time.perf_counter() - start)
+            round_trip()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def idle_cpu() -> float:
+        before = sum(ray.get([a.cpu_seconds.remote() for a in actors]))
+        time.sleep(idle_seconds)
+        return (sum(ray.get([a.cpu_seconds.remote() for a in actors])) - before) / idle_seconds
+
+    step = (scheduler_output, None)
+    actors = [_Echo.remote(rank) for rank in range(2)]
+    channel = StepChannel("127.0.0.1", len(actors))
+    serving = [a.serve.remote(channel.address, channel.token) for a in actors]
+    try:
+        channel.accept(60, lambda: None)
+
+        def through_connections() -> object:
+            channel.broadcast(pickle.dumps(step, pickle.HIGHEST_PROTOCOL))
+            return pickle.loads(channel.receive(lambda: None))
+
+        result = {"connections": timed(through_connections), "connections_idle": idle_cpu()}
+        channel.close()
+        ray.get(serving)
+        result["plain"] = timed(lambda: ray.get([a.step.remote(ray.put(step)) for a in actors]))
+        with InputNode() as node:
+            graph = MultiOutputNode([a.step.bind(node) for a in actors]).experimental_compile()
+        try:
+            result["compiled"] = timed(lambda: ray.get(
+                graph.execute(pickle.dumps(step, pickle.HIGHEST_PROTOCOL)), timeout=-1))
+            result["compiled_idle"] = idle_cpu()
+        finally:
+            graph.teardown()
+        return result
     finally:
-        graph.teardown()
+        channel.close()
         for actor in actors:
             ray.kill(actor)
-    return {"plain": statistics.median(plain), "compiled": statistics.median(compiled)}
 
 
 def _decode_step(model_dir: Path, args: argparse.Namespace) -> SchedulerOutput:
@@ -160,16 +199,20 @@ def main() -> None:
               f"({BENCH_SIZES['hidden_size']}-wide, {BENCH_SIZES['num_layers']} layers), "
               f"float32 on CPU, median of {args.steps} steps, ms per step")
         print(f"{'executor':<26}{'step':>8}{'rank compute':>14}{'collectives':>13}"
-              f"{'Ray overhead':>14}")
+              f"{'Ray/IPC overhead':>18}")
         print(f"{'in-process, TP=1':<26}{tp1['call'] * ms:>8.2f}{tp1['call'] * ms:>14.2f}"
-              f"{0.0:>13.2f}{0.0:>14.2f}")
+              f"{0.0:>13.2f}{0.0:>18.2f}")
         compute = tp2["rank"] - tp2["collectives"]
-        print(f"{'Ray compiled graph, TP=2':<26}{tp2['call'] * ms:>8.2f}{compute * ms:>14.2f}"
-              f"{tp2['collectives'] * ms:>13.2f}{tp2['overhead'] * ms:>14.2f}", flush=True)
+        print(f"{'Ray actors, TP=2':<26}{tp2['call'] * ms:>8.2f}{compute * ms:>14.2f}"
+              f"{tp2['collectives'] * ms:>13.2f}{tp2['overhead'] * ms:>18.2f}", flush=True)
         transport = run_transport(_decode_step(model_dir, args), args.steps)
-        print(f"transport only (2 echo actors, this step's scheduler output): compiled graph "
+        print(f"transport only (2 echo actors, this step's scheduler output): step connections "
+              f"{transport['connections'] * ms:.2f} ms, Ray compiled graph "
               f"{transport['compiled'] * ms:.2f} ms, ray.put + one call per rank "
               f"{transport['plain'] * ms:.2f} ms")
+        print(f"CPU the two echo actors burn waiting for a step: step connections "
+              f"{transport['connections_idle']:.2f} s/s, Ray compiled graph "
+              f"{transport['compiled_idle']:.2f} s/s")
     finally:
         ray.shutdown()
 
