@@ -16,8 +16,9 @@ Start-up::
 Each step the driver pickles ``(scheduler output, tokens sampled in the previous step)`` once
 and writes the bytes to every rank's connection; rank 0 samples and answers with the step's
 output, the other ranks answer only when they fail and append rank 0's tokens at the start of
-the next step (so no collective is spent telling them). Ray stays out of the steps: its
-compiled graph cost about 0.5 ms per round trip here, the connections 0.06 ms.
+the next step (so no collective is spent telling them). Ray stays out of the steps: a round
+trip through its compiled graph took 0.55 ms on two CPU ranks and kept each rank polling a
+core, the connections take 0.15 ms and nothing while idle (BENCHMARKS.md).
 
 A thread pings every rank each second (the actors answer pings from their own thread, even
 mid-step); a dead rank is reported by ``check_health`` and by the next ``execute_model`` (at
