@@ -374,9 +374,15 @@ def connect_ray(address: str | None) -> bool:
     """Joins ``address`` (or ``RAY_ADDRESS``), or starts a local Ray with the dashboard off;
     returns whether this call started it (so shutting down stops it). A process already
     connected stays on its cluster."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("ray://"):
+        raise ValueError(
+            f"ray_address {address!r} is a Ray Client address: the engine drives its ranks "
+            f"from a node of the cluster, so run it there with RAY_ADDRESS=auto (or the head's "
+            f"HOST:6379)"
+        )
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)

@@ -229,6 +229,16 @@ def test_a_rank_failing_at_startup_fails_the_start_with_its_error(ray_runtime, l
     _assert_cpus_free(ray_runtime)
 
 
+def test_a_ray_client_address_is_refused_saying_what_to_use(monkeypatch):
+    from caldera.worker.ray_executor import connect_ray
+
+    with pytest.raises(ValueError, match="Ray Client address.*RAY_ADDRESS=auto"):
+        connect_ray("ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ValueError, match="Ray Client"):
+        connect_ray(None)
+
+
 def test_placement_gives_up_naming_what_is_missing(ray_runtime, llava15_dir):
     from caldera.worker.ray_executor import PlacementError
 
