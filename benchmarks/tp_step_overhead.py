@@ -11,9 +11,10 @@ Both engines decode the same batch of greedy requests on the bench model shape. 
   overhead = driver time - the slowest rank's step (pickling the step, writing it to each
   rank's step connection, waking the ranks, and rank 0's output back).
 
-A last line times the transport alone (two echo actors, no model) for the same scheduler
+The last lines time the transport alone (two echo actors, no model) for the same scheduler
 output, three ways: the executor's step connections, a Ray compiled graph (driver -> both
-actors -> driver, the step as pickled bytes), and ``ray.put`` plus one actor call per rank.
+actors -> driver, the step as pickled bytes), and ``ray.put`` plus one actor call per rank;
+and the CPU the echo actors burn while they wait for a step, on the first two.
 Medians over the timed steps; ranks run one torch thread each (``--threads`` sets TP=1's).
 """
 
