@@ -91,8 +91,8 @@ class _Echo:
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
-    def step(self, step: tuple | bytes) -> bytes | None:
-        if isinstance(step, bytes):  # as the executor sends it
+    def step(self, step: tuple | bytes | bytearray) -> bytes | None:
+        if isinstance(step, bytes | bytearray):  # as the executor sends it
             step = pickle.loads(step)
         return pickle.dumps(len(step[0].num_scheduled_tokens)) if self.rank == 0 else None
 

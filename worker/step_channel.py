@@ -96,7 +96,7 @@ class StepChannel:
             except OSError:
                 raise RankFailed(rank, None) from None
 
-    def receive(self, check: Callable[[], None]) -> bytes:
+    def receive(self, check: Callable[[], None]) -> bytearray:
         """Rank 0's output of the step; raises RankFailed when a rank reports an error or
         closes its connection first. ``check`` runs every CHECK_INTERVAL while waiting."""
         while True:
@@ -126,7 +126,7 @@ class RankChannel:
         _no_delay(self._conn)
         self._conn.sendall(HEADER.pack(HELLO, rank) + token)
 
-    def receive(self) -> bytes | None:
+    def receive(self) -> bytearray | None:
         """The next step's bytes; None once the engine has closed the connection."""
         kind, body = _read_frame(self._conn)
         return body if kind == STEP else None
@@ -147,21 +147,22 @@ def _no_delay(conn: socket.socket) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _read_frame(conn: socket.socket) -> tuple[int | None, bytes]:
-    """(kind, body), or (None, b"") when the connection closed or broke."""
+def _read_frame(conn: socket.socket) -> tuple[int | None, bytearray]:
+    """(kind, body), or (None, empty) when the connection closed or broke."""
     try:
         header = _read_exact(conn, HEADER.size)
         if header is None:
-            return None, b""
+            return None, bytearray()
         kind, length = HEADER.unpack(header)
         body = _read_exact(conn, length)
     except OSError:
-        return None, b""
-    return (None, b"") if body is None else (kind, body)
+        return None, bytearray()
+    return (None, bytearray()) if body is None else (kind, body)
 
 
-def _read_exact(conn: socket.socket, size: int) -> bytes | None:
-    """``size`` bytes, or None if the connection closes first."""
+def _read_exact(conn: socket.socket, size: int) -> bytearray | None:
+    """``size`` bytes (read into one buffer, not copied again), or None if the connection
+    closes first."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     read = 0
@@ -170,4 +171,4 @@ def _read_exact(conn: socket.socket, size: int) -> bytes | None:
         if count == 0:
             return None
         read += count
-    return bytes(buffer)
+    return buffer
